@@ -1,0 +1,411 @@
+"""The public API: ``Checkpointer`` saves and restores training state through the tiers.
+
+Flow of one ``save(step)``:
+  training thread: capture non-tensor state, plan the layout, copy tensors into a
+  shared-memory block (the stall) -> loop thread: checksum, commit on the host tier
+  (``handle.staged``), queue a flush per downstream tier (``handle.durable(name)``),
+  apply retention. The pipeline runs on a private event-loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import secrets
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from tiers.base import Tier
+from tiers.host import HostBlock, HostTier
+from tiers.registry import open_tier
+
+from ._loop import LoopThread
+from .handle import SaveHandle
+from .manifest import FileMeta, Manifest, manifest_key, step_dir
+from .policy import Policy, default_policy, load_policy
+from .restore import LoadedCheckpoint, committed_steps, load_checkpoint
+from .schedule import FlushJob, FlushScheduler, delete_checkpoint
+from .snapshot import DEFAULT_CHUNK_BYTES, Layout, block_tensor, copy_into
+from .state import apply_rng, capture_rng, flatten, pack_skeleton
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """Background work of the checkpointer failed."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
+@dataclass
+class _Prepared:
+    step: int
+    save_id: str
+    tensors: tuple[torch.Tensor, ...]
+    layout: Layout
+    objects: bytes
+    handle: SaveHandle
+    started_s: float
+
+    @property
+    def data_name(self) -> str:
+        return f"data-{self.save_id}.bin"
+
+    @property
+    def data_key(self) -> str:
+        return f"{step_dir(self.step)}/{self.data_name}"
+
+
+def _as_list(optimizer: Any) -> list[Any]:
+    if optimizer is None:
+        return []
+    if isinstance(optimizer, (list, tuple)):
+        return list(optimizer)
+    return [optimizer]
+
+
+def _shm_default_capacity(host: HostTier) -> int:
+    """Half of the shared-memory filesystem: a bound that never starves the machine."""
+    d = host.directory
+    while not d.exists():
+        d = d.parent
+    st = os.statvfs(d)
+    return st.f_blocks * st.f_frsize // 2
+
+
+class Checkpointer:
+    """Checkpoint ``model``, ``optimizer`` (one, a list, or None) and ``extras``.
+
+    ``policy`` is a path to a TOML policy file, a ``Policy``, or None for the
+    embedded default (host shared memory + ``./checkpoints``).
+    """
+
+    def __init__(self, model: torch.nn.Module | None, optimizer: Any = None, *,
+                 policy: str | os.PathLike[str] | Policy | None = None,
+                 extras: Mapping[str, Stateful] | None = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, job: str | None = None) -> None:
+        self.model = model
+        self.optimizers = _as_list(optimizer)
+        self.extras = dict(extras or {})
+        for name, obj in [("model", model), *[(f"optimizer[{i}]", o)
+                                               for i, o in enumerate(self.optimizers)],
+                          *self.extras.items()]:
+            if obj is not None and not (hasattr(obj, "state_dict")
+                                        and hasattr(obj, "load_state_dict")):
+                raise TypeError(f"{name} ({type(obj).__name__}) has no "
+                                "state_dict()/load_state_dict()")
+        if isinstance(policy, Policy):
+            self.policy = policy
+        elif policy is None:
+            self.policy = default_policy()
+        else:
+            self.policy = load_policy(policy)
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+        self.chunk_bytes = chunk_bytes
+        self.job = job or f"{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._loop = LoopThread(f"asymcheck-{self.job}")
+        self._tiers: dict[str, Tier] = {}
+        self._scheduler: FlushScheduler | None = None
+        self._open_task: asyncio.Future[None] | None = None
+        self._save_index = 0
+        self._errors: list[BaseException] = []
+        self._closed = False
+        self._pins: Counter[int] = Counter()
+        self._pins_changed: asyncio.Event | None = None
+        self._commits: set[concurrent.futures.Future[None]] = set()
+
+    # ------------------------------------------------------------------ tiers
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.policy.tiers)
+
+    @property
+    def host(self) -> HostTier:
+        tier = self._tiers[self.policy.staging.name]
+        assert isinstance(tier, HostTier)
+        return tier
+
+    async def _ensure_open(self) -> None:
+        if self._open_task is None:
+            self._open_task = asyncio.ensure_future(self._open())
+        await asyncio.shield(self._open_task)
+
+    async def _open(self) -> None:
+        self._pins_changed = asyncio.Event()
+        for tp in self.policy.tiers:
+            self._tiers[tp.name] = open_tier(tp.url, name=tp.name, capacity_bytes=tp.capacity_bytes,
+                                             **tp.options)
+        host = self._tiers[self.policy.staging.name]
+        if not isinstance(host, HostTier):
+            raise TypeError(f"{self.policy.source}: the staging tier must be a HostTier")
+        if host.capacity_bytes is None:
+            host.capacity_bytes = _shm_default_capacity(host)
+        self._scheduler = FlushScheduler(self._tiers, self.policy, on_done=self._flush_done)
+        for tier in self._tiers.values():
+            await self._drop_uncommitted(tier)
+
+    async def _drop_uncommitted(self, tier: Tier) -> None:
+        """Remove step directories left without a manifest by a crashed save (invisible anyway)."""
+        try:
+            keys = await tier.list("step-")
+        except Exception as e:
+            log.warning("tier %s is unreachable at start-up: %s", tier.name, e)
+            return
+        dirs = {k.split("/", 1)[0] for k in keys}
+        committed = {k.split("/", 1)[0] for k in keys if k.endswith("/manifest.msgpack")}
+        for d in sorted(dirs - committed):
+            log.info("removing uncommitted %s from tier %s", d, tier.name)
+            await tier.delete_prefix(d + "/")
+
+    # ------------------------------------------------------------------- save
+    def _capture(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict() if self.model is not None else {},
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "extras": {name: obj.state_dict() for name, obj in self.extras.items()},
+            "rng": capture_rng(),
+        }
+
+    def _prepare(self, step: int) -> _Prepared:
+        if self._closed:
+            raise RuntimeError("save() on a closed Checkpointer")
+        started = time.perf_counter()
+        step_dir(step)  # validates
+        state = self._capture()
+        state["step"] = step
+        flat = flatten(state)
+        layout = Layout.plan(flat.paths, flat.tensors, self.chunk_bytes)
+        index = self._save_index
+        self._save_index += 1
+        tiers = tuple(t.name for i, t in enumerate(self.policy.tiers)
+                      if i == 0 or index % t.every == 0)
+        handle = SaveHandle.create(step, tiers)
+        return _Prepared(step, secrets.token_hex(4), flat.tensors, layout,
+                         pack_skeleton(flat.skeleton), handle, started)
+
+    def _stage(self, prep: _Prepared, block: HostBlock) -> SaveHandle:
+        try:
+            copy_into(prep.tensors, prep.layout, block_tensor(block.view))
+        except BaseException:
+            self._loop.submit(block.abort())
+            raise
+        handle = prep.handle
+        handle.stall_s = time.perf_counter() - prep.started_s
+        handle.metrics.update(stall_s=handle.stall_s, state_bytes=prep.layout.total_bytes,
+                              tensors=len(prep.tensors))
+        fut = self._loop.submit(self._commit_staged(prep, block))
+        self._commits.add(fut)
+        fut.add_done_callback(self._commits.discard)
+        return handle
+
+    async def save(self, step: int) -> SaveHandle:
+        """Capture the state of ``step``; returns once it is copied (training may go on)."""
+        prep = self._prepare(step)
+        block = await self._loop.run(self._reserve(prep))
+        return self._stage(prep, block)
+
+    def save_sync(self, step: int) -> SaveHandle:
+        """``save`` for plain (non-async) training loops."""
+        prep = self._prepare(step)
+        block = self._loop.call(self._reserve(prep))
+        return self._stage(prep, block)
+
+    async def _reserve(self, prep: _Prepared) -> HostBlock:
+        """A host block for the new checkpoint; under memory pressure, evict old host copies."""
+        await self._ensure_open()
+        task = asyncio.ensure_future(self.host.reserve(prep.data_key, prep.layout.total_bytes))
+        assert self._pins_changed is not None
+        while True:
+            await asyncio.wait({task}, timeout=0.01)
+            if task.done():
+                return task.result()
+            if await self._evict_one():
+                continue
+            self._pins_changed.clear()
+            waiter = asyncio.ensure_future(self._pins_changed.wait())
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+
+    async def _evict_one(self) -> bool:
+        """Drop the oldest host checkpoint that no flush needs, never the newest one."""
+        steps = await committed_steps(self.host)
+        for s in steps[:-1]:
+            if not self._pins[s]:
+                log.info("host budget full: evicting step %d from %s", s, self.host.name)
+                await delete_checkpoint(self.host, s)
+                return True
+        return False
+
+    async def _commit_staged(self, prep: _Prepared, block: HostBlock) -> None:
+        handle, host = prep.handle, self.host
+        try:
+            metas = await asyncio.to_thread(prep.layout.tensor_metas, block.view, prep.data_name)
+            await block.commit()
+            manifest = Manifest(step=prep.step, created_s=time.time(), job=self.job,
+                                objects=prep.objects, tensors=metas,
+                                files=(FileMeta(prep.data_name, prep.layout.total_bytes),),
+                                info={"save_id": prep.save_id, "stall_s": handle.stall_s})
+            await host.put(manifest_key(prep.step), manifest.to_bytes())
+        except BaseException as e:
+            await block.abort()
+            self._fail(handle, handle.tiers, e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        handle.staged.set_done()
+        handle.durable(host.name).set_done()
+        assert self._scheduler is not None
+        for name in handle.tiers[1:]:
+            self._pins[prep.step] += 1
+            await self._scheduler.submit(name, FlushJob(manifest, prep.data_name, handle))
+        await self._retain(host)
+
+    async def _flush_done(self, job: FlushJob, tier: str, error: BaseException | None) -> None:
+        step = job.manifest.step
+        if error is None:
+            job.handle.durable(tier).set_done()
+            await self._retain(self._tiers[tier])
+        else:
+            self._fail(job.handle, (tier,), error)
+        self._pins[step] -= 1
+        if self._pins[step] <= 0:
+            del self._pins[step]
+            assert self._pins_changed is not None
+            self._pins_changed.set()
+            await self._retain(self.host)
+
+    def _fail(self, handle: SaveHandle, tiers: Iterable[str], error: BaseException) -> None:
+        log.error("checkpoint step %d failed on %s: %s", handle.step, ", ".join(tiers), error)
+        self._errors.append(error)
+        if not handle.staged.done():
+            handle.staged.set_failed(error)
+        for t in tiers:
+            handle.durable(t).set_failed(error)
+
+    async def _retain(self, tier: Tier) -> None:
+        keep = self.policy.tier(tier.name).keep
+        try:
+            steps = await committed_steps(tier)
+            for s in steps[:-keep] if len(steps) > keep else []:
+                if tier is self._tiers[self.policy.staging.name] and self._pins[s]:
+                    continue
+                await delete_checkpoint(tier, s)
+        except Exception as e:
+            log.warning("retention on tier %s failed (will retry after the next save): %s",
+                        tier.name, e)
+
+    # ---------------------------------------------------------------- restore
+    async def _load(self, step: int | None) -> LoadedCheckpoint | None:
+        await self._ensure_open()
+        return await load_checkpoint([self._tiers[t.name] for t in self.policy.tiers], step)
+
+    def _apply(self, loaded: LoadedCheckpoint) -> int:
+        state = loaded.state
+        if self.model is not None:
+            self.model.load_state_dict(state["model"])
+        saved_opts = state["optimizers"]
+        if len(saved_opts) != len(self.optimizers):
+            raise ValueError(f"checkpoint step {loaded.step} holds {len(saved_opts)} optimizer "
+                             f"states, this Checkpointer has {len(self.optimizers)}")
+        for opt, sd in zip(self.optimizers, saved_opts, strict=True):
+            opt.load_state_dict(sd)
+        missing = set(self.extras) - set(state["extras"])
+        if missing:
+            raise ValueError(f"checkpoint step {loaded.step} has no state for extras "
+                             f"{sorted(missing)}")
+        for name, obj in self.extras.items():
+            obj.load_state_dict(state["extras"][name])
+        apply_rng(state["rng"])
+        log.info("restored step %d (tensors read per tier: %s)", loaded.step, loaded.sources)
+        step: int = state["step"]
+        return step
+
+    async def restore(self, step: int | None = None) -> int | None:
+        """Load the newest committed checkpoint (or ``step``); None when nothing is committed."""
+        loaded = await self._loop.run(self._load(step))
+        return None if loaded is None else self._apply(loaded)
+
+    def restore_sync(self, step: int | None = None) -> int | None:
+        loaded = self._loop.call(self._load(step))
+        return None if loaded is None else self._apply(loaded)
+
+    async def load(self, step: int | None = None) -> LoadedCheckpoint | None:
+        """Read a checkpoint without applying it (inspection, export)."""
+        return await self._loop.run(self._load(step))
+
+    def load_sync(self, step: int | None = None) -> LoadedCheckpoint | None:
+        return self._loop.call(self._load(step))
+
+    # ------------------------------------------------------------------ close
+    async def _drain(self) -> None:
+        if self._open_task is None:
+            return
+        await self._ensure_open()
+        while self._commits or (self._scheduler and self._scheduler.pending):
+            if self._commits:
+                await asyncio.gather(*map(asyncio.wrap_future, list(self._commits)),
+                                     return_exceptions=True)
+            if self._scheduler:
+                await self._scheduler.join()
+        if self._scheduler:
+            await self._scheduler.close()
+        for tier in self._tiers.values():
+            await tier.close()
+
+    def _finish(self) -> None:
+        self._loop.stop()
+        if self._errors:
+            errors, self._errors = self._errors, []
+            raise CheckpointError(f"{len(errors)} checkpoint operation(s) failed in the "
+                                  f"background; first: {errors[0]!r}") from errors[0]
+
+    async def close(self) -> None:
+        """Finish every queued flush, release tiers; raise a background error exactly once."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._loop.run(self._drain())
+        finally:
+            self._finish()
+
+    def close_sync(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._loop.call(self._drain())
+        finally:
+            self._finish()
+
+    async def __aenter__(self) -> Checkpointer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close_sync()
+
+    def local_path(self) -> Path | None:
+        """The directory of the first file:// tier, if any (for examples and tools)."""
+        for tp in self.policy.tiers:
+            if tp.scheme == "file":
+                return Path(tp.url[len("file://"):])
+        return None
+

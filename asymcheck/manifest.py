@@ -1,0 +1,194 @@
+"""The checkpoint manifest: what a committed checkpoint holds and where.
+
+A tier commits a checkpoint by writing ``step-<N>/manifest.msgpack`` last.
+The manifest is msgpack (never pickle) inside a versioned envelope carrying
+an xxh64 of the body, so a flipped bit in the manifest itself is caught.
+Everything read back is validated before it is trusted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import msgpack
+import xxhash
+
+from tiers.base import validate_key
+
+from .state import dtype_from_name
+
+FORMAT = "asymcheck"
+VERSION = 1
+MANIFEST_NAME = "manifest.msgpack"
+_STEP_DIR = re.compile(r"^step-(\d{12})$")
+_MAX_BYTES = 1 << 50  # no single tensor or file is this large; larger claims are hostile
+
+
+class ManifestError(ValueError):
+    """A manifest is corrupt, of an unknown version, or refers to things it must not."""
+
+
+def step_dir(step: int) -> str:
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10**12:
+        raise ValueError(f"step must be an int in [0, 1e12), got {step!r}")
+    return f"step-{step:012d}"
+
+
+def manifest_key(step: int) -> str:
+    return f"{step_dir(step)}/{MANIFEST_NAME}"
+
+
+def parse_manifest_key(key: str) -> int | None:
+    """The step of a manifest key, or None if ``key`` is not one."""
+    head, _, tail = key.partition("/")
+    m = _STEP_DIR.match(head)
+    return int(m.group(1)) if m and tail == MANIFEST_NAME else None
+
+
+def checksum(data: Any) -> int:
+    return xxhash.xxh64_intdigest(data)
+
+
+@dataclass(frozen=True)
+class ChunkMeta:
+    """``raw_len`` decoded bytes of a tensor, stored as ``stored_len`` bytes in ``file``."""
+
+    file: str
+    offset: int
+    stored_len: int
+    raw_offset: int
+    raw_len: int
+    xxh64: int  # of the decoded bytes
+    codec: str = "raw"
+    elem_size: int = 1
+    base_step: int | None = None  # delta chunks name the checkpoint they apply to
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    path: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    chunks: tuple[ChunkMeta, ...]
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    key: str  # relative to the step directory
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    created_s: float
+    job: str
+    objects: bytes  # msgpack skeleton of the non-tensor state
+    tensors: tuple[TensorMeta, ...]
+    files: tuple[FileMeta, ...]
+    world_size: int = 1
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def with_layout(self, tensors: tuple[TensorMeta, ...], files: tuple[FileMeta, ...],
+                    **info: Any) -> Manifest:
+        """The same checkpoint stored with another layout (another tier, codec or batching)."""
+        return replace(self, tensors=tensors, files=files, info={**self.info, **info})
+
+    def to_bytes(self) -> bytes:
+        body = msgpack.packb({
+            "step": self.step, "created_s": self.created_s, "job": self.job,
+            "objects": self.objects, "world_size": self.world_size, "info": self.info,
+            "files": [[f.key, f.size] for f in self.files],
+            "tensors": [[t.path, t.dtype, list(t.shape), t.nbytes,
+                         [[c.file, c.offset, c.stored_len, c.raw_offset, c.raw_len, c.xxh64,
+                           c.codec, c.elem_size, c.base_step] for c in t.chunks]]
+                        for t in self.tensors],
+        }, use_bin_type=True)
+        return msgpack.packb({"format": FORMAT, "version": VERSION, "body": body,
+                              "xxh64": checksum(body)}, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str = "manifest") -> Manifest:
+        try:
+            return _decode(data)
+        except ManifestError as e:
+            raise ManifestError(f"{source}: {e}") from None
+        except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as e:
+            raise ManifestError(f"{source}: malformed manifest ({type(e).__name__}: {e})") from e
+
+
+def _int(value: Any, what: str, lo: int = 0, hi: int = _MAX_BYTES) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ManifestError(f"{what} must be an int in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _decode(data: bytes) -> Manifest:
+    env = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    if not isinstance(env, dict) or env.get("format") != FORMAT:
+        raise ManifestError("not an asymcheck manifest")
+    if env.get("version") != VERSION:
+        raise ManifestError(f"manifest format version {env.get('version')!r} is not supported "
+                            f"(this build reads version {VERSION})")
+    body = env["body"]
+    if not isinstance(body, bytes) or checksum(body) != env.get("xxh64"):
+        raise ManifestError("manifest checksum mismatch (corrupt manifest)")
+    b = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    files = tuple(FileMeta(validate_key(k), _int(s, f"file {k!r} size")) for k, s in b["files"])
+    sizes = {f.key: f.size for f in files}
+    tensors = []
+    for path, dtype, shape, nbytes, chunks in b["tensors"]:
+        if not isinstance(path, str) or "\x00" in path:
+            raise ManifestError(f"bad tensor path {path!r}")
+        torch_dtype = dtype_from_name(dtype)
+        shape_t = tuple(_int(d, f"{path}: dimension") for d in shape)
+        _int(nbytes, f"{path}: nbytes")
+        elem = torch_dtype.itemsize
+        if math.prod(shape_t) * elem != nbytes:
+            raise ManifestError(f"{path}: shape {shape_t} of {dtype} is not {nbytes} bytes")
+        metas, expect = [], 0
+        for f, off, slen, roff, rlen, h, codec, esize, base in chunks:
+            if f not in sizes:
+                raise ManifestError(f"{path}: chunk refers to unknown file {f!r}")
+            _int(off, f"{path}: chunk offset")
+            _int(slen, f"{path}: chunk stored length")
+            if off + slen > sizes[f]:
+                raise ManifestError(f"{path}: chunk [{off}, {off + slen}) lies outside "
+                                    f"{f!r} of {sizes[f]} bytes")
+            if roff != expect:
+                raise ManifestError(f"{path}: chunks do not tile the tensor at byte {expect}")
+            expect += _int(rlen, f"{path}: chunk length")
+            if not isinstance(codec, str):
+                raise ManifestError(f"{path}: bad codec {codec!r}")
+            if base is not None:
+                _int(base, f"{path}: base step", hi=10**12)
+            metas.append(ChunkMeta(f, off, slen, roff, rlen, _int(h, "checksum", hi=2**64 - 1),
+                                   codec, _int(esize, "element size", 1, 16), base))
+        if expect != nbytes:
+            raise ManifestError(f"{path}: chunks hold {expect} bytes, tensor has {nbytes}")
+        tensors.append(TensorMeta(path, dtype, shape_t, nbytes, tuple(metas)))
+    info = b.get("info", {})
+    if not isinstance(info, dict):
+        raise ManifestError("info must be a map")
+    objects = b["objects"]
+    if not isinstance(objects, bytes):
+        raise ManifestError("objects must be bytes")
+    job = b["job"]
+    if not isinstance(job, str):
+        raise ManifestError("job must be a string")
+    return Manifest(step=_int(b["step"], "step", hi=10**12 - 1),
+                    created_s=float(b["created_s"]), job=job, objects=objects,
+                    tensors=tuple(tensors), files=files,
+                    world_size=_int(b.get("world_size", 1), "world_size", 1, 1 << 20), info=info)

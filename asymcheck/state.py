@@ -1,0 +1,179 @@
+"""Flatten training state into tensor leaves plus a msgpack skeleton, and back.
+
+The skeleton keeps every non-tensor value (ints, floats, strings, tuples,
+numpy arrays, nested dicts and lists) and a placeholder for each tensor.
+Nothing is ever pickled: an unknown type is an error that names its path.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+_EXT_TENSOR = 1
+_EXT_TUPLE = 2
+_EXT_NDARRAY = 3
+
+#: dtypes a checkpoint may hold; the manifest stores the name on the left.
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+    "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32,
+    "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+    "complex64": torch.complex64, "complex128": torch.complex128,
+}
+for _name in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"):
+    if hasattr(torch, _name):
+        DTYPES[_name] = getattr(torch, _name)
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Placeholder for the ``index``-th tensor leaf inside a skeleton."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class FlatState:
+    skeleton: Any
+    paths: tuple[str, ...]
+    tensors: tuple[torch.Tensor, ...]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise TypeError(f"tensor dtype {dtype} cannot be checkpointed") from None
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown tensor dtype {name!r} in checkpoint") from None
+
+
+def flatten(state: Any) -> FlatState:
+    """Split ``state`` into a skeleton and its tensor leaves (depth first, stable order)."""
+    paths: list[str] = []
+    tensors: list[torch.Tensor] = []
+
+    def walk(obj: Any, path: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            dtype_name(obj.dtype)
+            if obj.is_sparse or obj.layout != torch.strided:
+                raise TypeError(f"{path}: only dense (strided) tensors can be checkpointed")
+            paths.append(path)
+            tensors.append(obj.detach())
+            return TensorRef(len(tensors) - 1)
+        if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+            return obj
+        if isinstance(obj, np.ndarray):
+            return obj
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, Mapping):
+            out = {}
+            for k, v in obj.items():
+                if not isinstance(k, (str, int)) or isinstance(k, bool):
+                    raise TypeError(f"{path}: dict key {k!r} must be str or int")
+                out[k] = walk(v, f"{path}/{k}" if path else str(k))
+            return out
+        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+            return tuple(walk(v, f"{path}/{i}") for i, v in enumerate(obj))
+        if isinstance(obj, list):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(obj)]
+        raise TypeError(f"{path or '<root>'}: a value of type {type(obj).__name__} cannot be "
+                        "checkpointed (use tensors, numbers, strings, lists, tuples, dicts)")
+
+    skeleton = walk(state, "")
+    return FlatState(skeleton, tuple(paths), tuple(tensors))
+
+
+def unflatten(skeleton: Any, tensors: Sequence[torch.Tensor]) -> Any:
+    def walk(obj: Any) -> Any:
+        if isinstance(obj, TensorRef):
+            if not 0 <= obj.index < len(tensors):
+                raise ValueError(f"checkpoint skeleton refers to missing tensor {obj.index}")
+            return tensors[obj.index]
+        if isinstance(obj, dict):
+            return {k: walk(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(walk(v) for v in obj)
+        return obj
+
+    return walk(skeleton)
+
+
+def _default(obj: Any) -> msgpack.ExtType:
+    if isinstance(obj, TensorRef):
+        return msgpack.ExtType(_EXT_TENSOR, msgpack.packb(obj.index))
+    if isinstance(obj, tuple):
+        return msgpack.ExtType(_EXT_TUPLE, pack_skeleton(list(obj)))
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise TypeError("numpy arrays of Python objects cannot be checkpointed")
+        arr = np.ascontiguousarray(obj)
+        return msgpack.ExtType(_EXT_NDARRAY, msgpack.packb(
+            [arr.dtype.str, list(arr.shape), arr.tobytes()]))
+    raise TypeError(f"cannot encode {type(obj).__name__} in a checkpoint skeleton")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _EXT_TENSOR:
+        index = msgpack.unpackb(data)
+        if not isinstance(index, int) or index < 0:
+            raise ValueError("bad tensor reference in checkpoint skeleton")
+        return TensorRef(index)
+    if code == _EXT_TUPLE:
+        return tuple(unpack_skeleton(data))
+    if code == _EXT_NDARRAY:
+        dtype_str, shape, raw = msgpack.unpackb(data)
+        dtype = np.dtype(dtype_str)
+        if dtype.hasobject:
+            raise ValueError("object arrays are not allowed in a checkpoint")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+    raise ValueError(f"unknown extension type {code} in checkpoint skeleton")
+
+
+def pack_skeleton(skeleton: Any) -> bytes:
+    return msgpack.packb(skeleton, default=_default, strict_types=True, use_bin_type=True)
+
+
+def unpack_skeleton(data: bytes) -> Any:
+    return msgpack.unpackb(data, ext_hook=_ext_hook, strict_map_key=False, raw=False)
+
+
+def capture_rng() -> dict[str, Any]:
+    """RNG states of Python, numpy's global generator, torch CPU and every CUDA device."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def apply_rng(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = list(state["cuda"])
+        if len(cuda_states) != torch.cuda.device_count():
+            raise ValueError(f"checkpoint holds RNG state for {len(cuda_states)} CUDA devices, "
+                             f"this process sees {torch.cuda.device_count()}")
+        torch.cuda.set_rng_state_all(cuda_states)

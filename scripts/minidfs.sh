@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# Single-process HDFS (MiniDFSCluster: 1 NameNode + 1 DataNode) on 127.0.0.1 for the HDFS tier tests.
+#
+#   scripts/minidfs.sh start    # prints ASYMCHECK_TEST_HDFS=hdfs://127.0.0.1:<port> on stdout
+#   scripts/minidfs.sh status   # exit 0 when running
+#   scripts/minidfs.sh stop
+#
+#   export "$(scripts/minidfs.sh start)" && .venv/bin/pytest tests/tiers; scripts/minidfs.sh stop
+#
+# Needs java (11+) and, the first time, mvn to fetch the jars (.ci/hdfs/pom.xml -> .ci/hdfs/lib).
+# Every start formats a fresh, empty file system; state lives in .minidfs/ (ignored by git).
+#
+# Environment:
+#   MINIDFS_NN_PORT        NameNode RPC port            (default 9000)
+#   MINIDFS_HTTP_PORT      NameNode HTTP/WebHDFS port   (default 9870)
+#   MINIDFS_DIR            state folder                 (default <repo>/.minidfs)
+#   MINIDFS_START_TIMEOUT  seconds to wait for start    (default 120)
+#   MINIDFS_JAVA_OPTS      extra JVM options            (default -Xmx1g)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+POM="$ROOT/.ci/hdfs/pom.xml"
+LIB="$ROOT/.ci/hdfs/lib"
+LOG4J="$ROOT/.ci/hdfs/log4j.properties"
+STATE="${MINIDFS_DIR:-$ROOT/.minidfs}"
+NN_PORT="${MINIDFS_NN_PORT:-9000}"
+HTTP_PORT="${MINIDFS_HTTP_PORT:-9870}"
+START_TIMEOUT="${MINIDFS_START_TIMEOUT:-120}"
+JAVA_OPTS="${MINIDFS_JAVA_OPTS:--Xmx1g}"
+HOST=127.0.0.1
+PIDFILE="$STATE/pid"
+LOG="$STATE/minidfs.log"
+CONF="$STATE/conf/minidfs-site.xml"
+MAIN=org.apache.hadoop.test.MiniDFSClusterManager
+
+say() { echo "minidfs: $*" >&2; }
+die() { say "$*"; exit 1; }
+
+# The pid from the pid file, only if that process is still our cluster (pids get reused).
+running_pid() {
+  [[ -f "$PIDFILE" ]] || return 1
+  local pid
+  pid="$(cat "$PIDFILE" 2>/dev/null)" || return 1
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "$MAIN" || return 1
+  echo "$pid"
+}
+
+port_busy() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+
+webhdfs_ready() {
+  curl -fsS --max-time 5 "http://$HOST:$HTTP_PORT/webhdfs/v1/?op=LISTSTATUS" 2>/dev/null \
+    | grep -q '"FileStatuses"' || return 1
+  curl -fsS --max-time 5 \
+    "http://$HOST:$HTTP_PORT/jmx?qry=Hadoop:service=NameNode,name=FSNamesystemState" 2>/dev/null \
+    | grep -Eq '"NumLiveDataNodes" *: *[1-9]'
+}
+
+log_tail() {
+  if [[ -f "$LOG" ]]; then
+    say "last lines of $LOG:"
+    grep -v '^\s*$' "$LOG" | tail -n 40 >&2 || true
+  fi
+}
+
+ensure_jars() {
+  if compgen -G "$LIB/*.jar" >/dev/null; then
+    return 0
+  fi
+  command -v mvn >/dev/null || die "no jars in $LIB and no mvn on PATH to fetch them"
+  say "fetching jars with maven into $LIB (first start only) ..."
+  local t0=$SECONDS
+  mvn -q -B -Dstyle.color=never -f "$POM" dependency:copy-dependencies >&2 \
+    || { rm -rf "$LIB"; die "maven could not fetch the MiniDFS jars (see above)"; }
+  compgen -G "$LIB/*.jar" >/dev/null || die "maven ran but $LIB has no jars"
+  say "jars fetched in $((SECONDS - t0)) s"
+}
+
+start() {
+  local pid
+  if pid="$(running_pid)"; then
+    say "already running (pid $pid)"
+    echo "ASYMCHECK_TEST_HDFS=hdfs://$HOST:$NN_PORT"
+    return 0
+  fi
+  command -v java >/dev/null || die "java not found on PATH"
+  command -v curl >/dev/null || die "curl not found on PATH"
+  ensure_jars
+  for port in "$NN_PORT" "$HTTP_PORT"; do
+    port_busy "$port" && die "port $HOST:$port is already in use (set MINIDFS_NN_PORT / MINIDFS_HTTP_PORT)"
+  done
+
+  local t0=$SECONDS
+  mkdir -p "$STATE"
+  rm -rf "$STATE/work" "$STATE/conf" "$PIDFILE"
+  mkdir -p "$STATE/work" "$STATE/conf"
+  : >"$LOG"
+
+  # shellcheck disable=SC2086  # JAVA_OPTS is a list of options
+  (
+    cd "$STATE/work"
+    exec nohup java $JAVA_OPTS \
+      -Djava.net.preferIPv4Stack=true \
+      -Dlog4j.configuration="file:$LOG4J" \
+      -Dtest.build.data="$STATE/work/data" \
+      -Dhadoop.tmp.dir="$STATE/work/tmp" \
+      -cp "$LIB/*" "$MAIN" \
+      -format -datanodes 1 -nnport "$NN_PORT" -httpport "$HTTP_PORT" \
+      -D dfs.replication=1 \
+      -D dfs.permissions.enabled=false \
+      -D "hdfs.minidfs.basedir=$STATE/work/data/dfs" \
+      -D "dfs.namenode.rpc-address=$HOST:$NN_PORT" \
+      -D "dfs.namenode.http-address=$HOST:$HTTP_PORT" \
+      -D "fs.defaultFS=hdfs://$HOST:$NN_PORT" \
+      -writeConfig "$CONF"
+  ) </dev/null >>"$LOG" 2>&1 &
+  pid=$!
+  echo "$pid" >"$PIDFILE"
+
+  local deadline=$((SECONDS + START_TIMEOUT))
+  until [[ -s "$CONF" ]] && webhdfs_ready; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      rm -f "$PIDFILE"
+      say "the cluster process exited during start"
+      log_tail
+      exit 1
+    fi
+    if ((SECONDS >= deadline)); then
+      say "not ready after ${START_TIMEOUT} s; stopping it"
+      log_tail
+      stop >/dev/null 2>&1 || true
+      exit 1
+    fi
+    sleep 1
+  done
+  say "up in $((SECONDS - t0)) s (pid $pid, NameNode $HOST:$NN_PORT, http $HOST:$HTTP_PORT, log $LOG)"
+  echo "ASYMCHECK_TEST_HDFS=hdfs://$HOST:$NN_PORT"
+}
+
+stop() {
+  local pid
+  if ! pid="$(running_pid)"; then
+    rm -f "$PIDFILE"
+    say "not running"
+    return 0
+  fi
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 60); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    say "still alive after 30 s; sending SIGKILL to $pid"
+    kill -KILL "$pid" 2>/dev/null || true
+    sleep 0.5
+  fi
+  rm -f "$PIDFILE"
+  say "stopped (pid $pid)"
+}
+
+status() {
+  local pid
+  if pid="$(running_pid)"; then
+    if webhdfs_ready; then
+      say "running (pid $pid)"
+    else
+      say "process $pid alive but WebHDFS on $HOST:$HTTP_PORT does not answer"
+    fi
+    echo "ASYMCHECK_TEST_HDFS=hdfs://$HOST:$NN_PORT"
+    return 0
+  fi
+  say "stopped"
+  return 3
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  restart) stop; start ;;
+  *) echo "usage: $0 start|stop|status|restart" >&2; exit 2 ;;
+esac

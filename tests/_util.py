@@ -1,0 +1,66 @@
+"""Helpers for tests: a tiny model, its training, and byte-exact state comparison."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(),
+                                        torch.nn.Dropout(0.1), torch.nn.Linear(width, width))
+        self.norm = torch.nn.BatchNorm1d(width)
+        self.head = torch.nn.Linear(width, 4).to(torch.bfloat16)
+        self.register_buffer("counter", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.counter += 1
+        return self.head(self.norm(self.body(x)).to(torch.bfloat16)).float()
+
+
+def make_training(seed: int = 0, width: int = 32) -> tuple[TinyNet, torch.optim.Optimizer, Any]:
+    torch.manual_seed(seed)
+    model = TinyNet(width)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    return model, opt, sched
+
+
+def train_steps(model: TinyNet, opt: torch.optim.Optimizer, sched: Any, n: int) -> None:
+    width = model.body[0].in_features
+    for _ in range(n):
+        loss = model(torch.randn(8, width)).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+
+
+def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
+    return copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+                          "sched": sched.state_dict()})
+
+
+def assert_same(a: Any, b: Any, path: str = "") -> None:
+    """Equal tensor for tensor, byte for byte; other values by ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{path}: {type(b)} is not a tensor"
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a.dtype}{tuple(a.shape)} " \
+            f"!= {b.dtype}{tuple(b.shape)}"
+        ab = a.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        bb = b.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        assert torch.equal(ab, bb), f"{path}: tensor bytes differ"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{path}: keys differ"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), f"{path}: {a!r} != {b!r}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}/{i}")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"

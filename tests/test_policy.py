@@ -1,0 +1,94 @@
+"""Policy files: valid ones parse; bad ones fail in one line naming the file and the key."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from asymcheck.policy import PolicyError, default_policy, load_policy, parse_size
+
+GOOD = """
+[[tier]]
+name = "host"
+url = "shm://asymcheck-test"
+capacity = "8GiB"
+keep = 2
+[[tier]]
+name = "local"
+url = "file:ckpt"
+keep = 3
+[[tier]]
+name = "hdfs"
+url = "hdfs://127.0.0.1:9000/ckpt"
+keep = 5
+every = 10
+on_full = "skip"
+[compression]
+mode = "auto"
+full_every = 10
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tiers.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_a_valid_policy_parses(tmp_path: Path) -> None:
+    policy = load_policy(_write(tmp_path, GOOD))
+    assert [t.name for t in policy.tiers] == ["host", "local", "hdfs"]
+    assert policy.tier("host").capacity_bytes == 8 * 2**30
+    assert policy.tier("local").url == f"file://{tmp_path / 'ckpt'}"  # relative to the file
+    assert policy.tier("hdfs").every == 10 and policy.tier("hdfs").on_full == "skip"
+    assert policy.compression.mode == "auto" and policy.compression.full_every == 10
+
+
+def test_default_policy_is_host_plus_local(tmp_path: Path) -> None:
+    policy = default_policy(tmp_path / "c")
+    assert [t.scheme for t in policy.tiers] == ["shm", "file"]
+    assert default_policy(tmp_path / "c").staging.url == policy.staging.url
+    assert default_policy(tmp_path / "d").staging.url != policy.staging.url
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("8GiB", 8 * 2**30), ("512MB", 512 * 10**6), ("1.5 GiB", int(1.5 * 2**30)), (4096, 4096),
+    ("10k", 10_000)])
+def test_sizes_parse(value: object, expected: int) -> None:
+    assert parse_size(value) == expected
+
+
+@pytest.mark.parametrize(("patch", "key", "words"), [
+    (("keep = 3", "keep = 3\ncolour = 1"), "tier[1].colour", "unknown key"),
+    (('capacity = "8GiB"', 'capacity = "8 gigs"'), "tier[0].capacity", "size"),
+    (('"hdfs://127.0.0.1:9000/ckpt"', '"s3://bucket/ckpt"'), "tier[2].url", "unknown scheme"),
+    (("keep = 3", "keep = 0"), "tier[1].keep", ">= 1"),
+    (("every = 10", "every = -2"), "tier[2].every", ">= 1"),
+    (('mode = "auto"', 'mode = "fast"'), "compression.mode", "off, auto or always"),
+    (('on_full = "skip"', 'on_full = "drop"'), "tier[2].on_full", "wait"),
+    (('name = "local"', 'name = "host"'), "tier[1].name", "duplicate"),
+    (('url = "shm://asymcheck-test"', 'url = "file:x"'), "tier[0].url", "shm://"),
+    (('"file:ckpt"', '"file:../../etc"'), "tier[1].url", ".."),
+    (("[compression]", "[compresion]"), "compresion", "unknown key"),
+])
+def test_bad_policies_fail_in_one_line_naming_file_and_key(
+        tmp_path: Path, patch: tuple[str, str], key: str, words: str) -> None:
+    assert patch[0] in GOOD
+    path = _write(tmp_path, GOOD.replace(*patch, 1))
+    with pytest.raises(PolicyError) as err:
+        load_policy(path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{path}: {key}:"), msg
+    assert words in msg
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="not found"):
+        load_policy(tmp_path / "nope.toml")
+    with pytest.raises(PolicyError, match="not valid TOML"):
+        load_policy(_write(tmp_path, "[[tier]\nname="))
+    with pytest.raises(PolicyError, match=r"tier: at least one"):
+        load_policy(_write(tmp_path, "[compression]\nmode = 'off'\n"))

@@ -1,0 +1,167 @@
+"""HdfsTier under faults: an unreachable NameNode, and puts that fail or are cancelled midway.
+
+The unreachable-NameNode tests need no cluster. The others need the MiniDFS cluster:
+``export "$(scripts/minidfs.sh start)"`` sets ``ASYMCHECK_TEST_HDFS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+pytest.importorskip("hdfs_native")
+
+from hdfs_native import AsyncClient
+
+from tiers.base import KeyNotFound, TierError
+from tiers.hdfs import HdfsTier
+
+TIMEOUT_S = 5.0
+MARGIN_S = 3.0
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound once, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# hdfs-native's own NameNode retries: with them on, its async client panics
+# (pyo3_runtime.PanicException) instead of raising; the tier must turn both into TierError.
+@pytest.mark.parametrize("config", [None, {"dfs.client.failover.max.attempts": "3"}],
+                         ids=["default", "client-retries"])
+@pytest.mark.parametrize("op", ["put", "get", "stat", "list", "delete", "exists"])
+async def test_unreachable_namenode_fails_fast(op: str, config: dict[str, str] | None) -> None:
+    url = f"hdfs://127.0.0.1:{_closed_port()}/asymcheck"
+    tier = HdfsTier(url, name="remote", timeout_s=TIMEOUT_S, config=config)
+    calls = {
+        "put": lambda: tier.put("step-1/data.bin", b"x" * 1024),
+        "get": lambda: tier.get("step-1/data.bin"),
+        "stat": lambda: tier.stat("step-1/data.bin"),
+        "list": lambda: tier.list(),
+        "delete": lambda: tier.delete("step-1/data.bin"),
+        "exists": lambda: tier.exists("step-1/data.bin"),
+    }
+    t0 = time.monotonic()
+    with pytest.raises(TierError) as info:
+        await calls[op]()
+    elapsed = time.monotonic() - t0
+    await tier.close()
+    assert not isinstance(info.value, KeyNotFound), "an unreachable tier is not a missing key"
+    assert elapsed < TIMEOUT_S + MARGIN_S, f"took {elapsed:.2f} s"
+    msg = str(info.value)
+    assert "remote" in msg and url in msg
+    if op not in ("list",):
+        assert "step-1/data.bin" in msg
+
+
+async def test_tier_recovers_after_panic() -> None:
+    """After a wrapped client panic the tier keeps answering with TierError, not a dead client."""
+    url = f"hdfs://127.0.0.1:{_closed_port()}/asymcheck"
+    tier = HdfsTier(url, timeout_s=TIMEOUT_S, config={"dfs.client.failover.max.attempts": "3"})
+    for _ in range(3):
+        with pytest.raises(TierError):
+            await tier.stat("k")
+    await tier.close()
+    await tier.close()  # idempotent
+
+
+# ------------------------------------------------------------------ against the cluster
+
+
+@pytest.fixture
+def hdfs_root() -> str:
+    root = os.environ.get("ASYMCHECK_TEST_HDFS")
+    if not root:
+        if os.environ.get("CI") == "true":
+            pytest.fail("ASYMCHECK_TEST_HDFS is not set in CI; start scripts/minidfs.sh first")
+        pytest.skip("ASYMCHECK_TEST_HDFS not set (export \"$(scripts/minidfs.sh start)\")")
+    return root.rstrip("/")
+
+
+@pytest.fixture
+async def tier(hdfs_root: str) -> AsyncIterator[HdfsTier]:
+    t = HdfsTier(f"{hdfs_root}/faults/{uuid.uuid4().hex}", name="remote",
+                 timeout_s=60.0, chunk_bytes=1 << 20)
+    yield t
+    await t.close()
+    async with HdfsTier(t.url) as cleanup:  # a test may have closed ``t``
+        await cleanup.delete_prefix("")
+
+
+async def _raw_files(tier: HdfsTier) -> list[str]:
+    """Every file under the tier's base directory, temporary ones included."""
+    client = AsyncClient(tier._fs_url, tier.config)
+    base = tier._base
+    try:
+        return sorted([st.path[len(base) + 1:] async for st in client.list_status(base, True)
+                       if not st.isdir])
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.hdfs
+@pytest.mark.slow
+async def test_cancelled_put_leaves_nothing_visible(tier: HdfsTier) -> None:
+    await tier.put("ckpt/manifest", b"old")
+    payload = bytes(256 << 20)
+    task = asyncio.ensure_future(tier.put("ckpt/manifest", payload))
+    # Wait until the temporary file exists, i.e. the put is under way, then cancel it.
+    deadline = time.monotonic() + 30
+    while not any(".tmp-" in f for f in await _raw_files(tier)):
+        assert time.monotonic() < deadline, "the put never created its temporary file"
+        assert not task.done(), "put finished before it could be interrupted"
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    assert not task.done(), "put finished before it could be interrupted"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert await tier.list() == ["ckpt/manifest"]
+    assert await tier.get("ckpt/manifest") == b"old"
+    await tier.close()  # waits for the background removal of the temporary file
+    assert await _raw_files(tier) == ["ckpt/manifest"]
+
+
+@pytest.mark.hdfs
+async def test_failed_put_leaves_nothing_visible(tier: HdfsTier,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The commit step (rename) fails after the temporary file was fully written.
+    async def failing_rename(self: AsyncClient, src: str, dst: str,
+                             overwrite: bool = False) -> None:
+        raise OSError(f"injected rename failure {src} -> {dst}")
+
+    monkeypatch.setattr(AsyncClient, "rename", failing_rename)
+    with pytest.raises(TierError, match="injected rename failure") as info:
+        await tier.put("step-2/data.bin", b"y" * (3 << 20))
+    monkeypatch.undo()
+    assert "step-2/data.bin" in str(info.value)
+
+    assert await tier.list() == []
+    assert not await tier.exists("step-2/data.bin")
+    assert await _raw_files(tier) == []
+
+
+@pytest.mark.hdfs
+async def test_tmp_names_are_not_keys(tier: HdfsTier) -> None:
+    await tier.put("a/b", b"1")
+    client = AsyncClient(tier._fs_url, tier.config)
+    w = await client.create(tier._base + "/a/b.tmp-123-0123456789abcdef")
+    await w.write(b"partial")
+    await w.close()
+    assert await tier.list() == ["a/b"]
+    assert await tier.list("a/b") == ["a/b"]
+    with pytest.raises(ValueError):
+        await tier.put("a/c.tmp-1-0123456789abcdef", b"x")
+    assert await tier.remove_stale_tmp(older_than_s=0) == 1
+    assert await _raw_files(tier) == ["a/b"]
+    with pytest.raises(KeyNotFound):
+        await tier.get("a/missing")

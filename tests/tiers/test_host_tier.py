@@ -1,0 +1,167 @@
+"""HostTier beyond the conformance suite: crash survival, zero-copy views, the free pool."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiers
+from tiers import HostTier, KeyNotFound, TierError
+
+REPO = Path(tiers.__file__).resolve().parents[1]
+
+CHILD = """
+import asyncio, sys
+from tiers.host import HostTier
+
+async def main():
+    tier = HostTier(sys.argv[1])
+    await tier.put("step-1/data.bin", bytes(range(256)) * 4096)
+    block = await tier.reserve("step-2/data.bin", 4096)  # staged, never committed
+    block.view[:] = b"x" * 4096
+    print("ready", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_committed_data_survives_sigkill_of_the_writer(shm_root: Path) -> None:
+    url = "shm://crash/job"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, url, env=env, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert line == b"ready\n"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        assert await proc.wait() == -signal.SIGKILL
+    job = shm_root / "crash" / "job"
+    stale = list(job.glob(f"step-2/data.bin.tmp-{proc.pid}-*"))
+    assert len(stale) == 1, "the child's uncommitted block should be on tmpfs"
+
+    tier = HostTier(url)
+    try:
+        assert await tier.list() == ["step-1/data.bin"]
+        assert await tier.get("step-1/data.bin") == bytes(range(256)) * 4096
+        assert not stale[0].exists(), "a dead writer's tmp file must be removed at open"
+        assert tier.used_bytes == 256 * 4096
+    finally:
+        await tier.destroy()
+    assert not job.exists()
+
+
+async def test_tmp_files_of_live_processes_are_kept(shm_root: Path) -> None:
+    job = shm_root / "live"
+    job.mkdir()
+    mine = job / f"k.tmp-{os.getpid()}-abcdef"
+    mine.write_bytes(b"in flight")
+    tier = HostTier("shm://live")
+    assert await tier.list() == []
+    assert mine.exists()
+    await tier.destroy()
+
+
+def test_url_maps_to_a_directory_under_the_root(shm_root: Path) -> None:
+    assert HostTier("shm://asymcheck/job1").directory == shm_root / "asymcheck" / "job1"
+    assert HostTier("shm://x", root="/elsewhere").directory == Path("/elsewhere/x")
+    for bad in ["shm://", "shm://a/../b", "file:///x", "shm://a?x=1"]:
+        with pytest.raises(ValueError):
+            HostTier(bad)
+
+
+async def test_view_is_read_only_and_zero_copy() -> None:
+    tier = HostTier("shm://views")
+    async with await tier.reserve("k", 8) as block:
+        block.view[:] = b"abcdefgh"
+    view = await tier.view("k")
+    assert view.readonly and bytes(view) == b"abcdefgh"
+    with pytest.raises(TypeError):
+        view[0] = 0
+    assert (await tier.view("k")).obj is view.obj  # one cached mapping, no copies
+    assert bytes(await tier.view("k")) == b"abcdefgh"
+    view.release()
+    await tier.destroy()
+
+
+async def test_deleting_a_key_under_a_live_view_does_not_recycle_its_pages() -> None:
+    tier = HostTier("shm://held", capacity_bytes=1 << 20)
+    await tier.put("k", b"a" * 4096)
+    inode = os.stat(tier.directory / "k").st_ino
+    view = await tier.view("k")
+    await tier.delete("k")
+    assert tier.pooled_bytes == 0 and tier.used_bytes == 0
+    await tier.put("k2", b"b" * 4096)  # same size, but the pages are still in use
+    assert os.stat(tier.directory / "k2").st_ino != inode
+    assert bytes(view) == b"a" * 4096
+    with pytest.raises(KeyNotFound):
+        await tier.view("k")
+    view.release()
+    await tier.destroy()
+
+
+async def test_reserve_of_zero_bytes_commits_an_empty_key() -> None:
+    tier = HostTier("shm://empty")
+    block = await tier.reserve("nothing", 0)
+    assert block.view.nbytes == 0 and not block.view.readonly
+    await block.commit()
+    await block.commit()  # idempotent
+    assert await tier.get("nothing") == b""
+    assert bytes(await tier.view("nothing")) == b""
+    await tier.delete("nothing")
+    assert await tier.list() == []
+    await tier.destroy()
+
+
+async def test_block_view_is_released_at_commit_and_aborted_block_cannot_commit() -> None:
+    tier = HostTier("shm://blocks")
+    block = await tier.reserve("a", 4)
+    block.view[:] = b"1234"
+    await block.commit()
+    with pytest.raises(ValueError):  # the writable view is gone; the data is immutable
+        block.view[0] = 0
+    other = await tier.reserve("b", 4)
+    await other.abort()
+    with pytest.raises(TierError, match="aborted"):
+        await other.commit()
+    assert await tier.list() == ["a"]
+    await tier.destroy()
+
+
+async def test_the_free_pool_is_hidden_reserved_and_emptied_at_close(shm_root: Path) -> None:
+    tier = HostTier("shm://pool")
+    await tier.put("a/b", b"x" * 100)
+    await tier.delete("a/b")
+    pool = tier.directory / ".free"
+    assert len(os.listdir(pool)) == 1 and tier.pooled_bytes == 100
+    assert not (tier.directory / "a").exists(), "empty parents are pruned"
+    assert await tier.list() == []
+    with pytest.raises(ValueError, match="reserved"):
+        await tier.put(".free/x", b"")
+    with pytest.raises(ValueError, match="tmp"):
+        await tier.put("k.tmp-1-abc", b"")
+    await tier.close()
+    await tier.close()
+    assert not pool.exists()
+    with pytest.raises(TierError, match="closed"):
+        await tier.get("a/b")
+
+
+async def test_close_aborts_open_blocks_and_wakes_waiters() -> None:
+    tier = HostTier("shm://closing", capacity_bytes=100)
+    block = await tier.reserve("a", 100)
+    waiter = asyncio.create_task(tier.put("b", b"x" * 10))
+    await asyncio.sleep(0.05)
+    await tier.close()
+    with pytest.raises(TierError, match="closed"):
+        await waiter
+    assert not block.committed
+    assert os.listdir(tier.directory) == []
+    await tier.destroy()

@@ -1,0 +1,138 @@
+"""The storage tier contract: a small async key/value store of byte blobs.
+
+Keys are ``/``-separated relative paths (``step-0000000042/data-00000.bin``).
+A ``put`` is atomic: readers see the whole value or nothing, never a torn
+write. Tiers know nothing about torch or checkpoints.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+BytesLike = bytes | bytearray | memoryview
+Payload = BytesLike | Sequence[BytesLike]
+
+
+class TierError(OSError):
+    """A tier operation failed; the message names the tier and the key."""
+
+
+class KeyNotFound(TierError, KeyError):
+    """The key does not exist on this tier."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "key not found"
+
+
+class CapacityError(TierError):
+    """An item can never fit: it is larger than the tier's whole budget."""
+
+
+@dataclass(frozen=True)
+class TierStat:
+    key: str
+    size_bytes: int
+    mtime_s: float
+
+
+def validate_key(key: str) -> str:
+    """Reject keys that could escape the tier's root or confuse a backend."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"tier key must be a non-empty string, got {key!r}")
+    if "\x00" in key or "\\" in key:
+        raise ValueError(f"tier key {key!r} contains a NUL or backslash")
+    if key.startswith("/"):
+        raise ValueError(f"tier key {key!r} is absolute")
+    for part in key.split("/"):
+        if part in ("", ".", ".."):
+            raise ValueError(f"tier key {key!r} has an empty, '.' or '..' component")
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """A listing prefix: empty, or a key-shaped string (a trailing '/' is allowed)."""
+    if prefix:
+        validate_key(prefix.rstrip("/") or "x")
+    return prefix
+
+
+def payload_parts(data: Payload) -> list[memoryview]:
+    """Normalise a payload to a list of flat byte views (no copies)."""
+    parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    return [memoryview(p).cast("B") if memoryview(p).ndim != 1 or memoryview(p).format != "B"
+            else memoryview(p) for p in parts]
+
+
+def payload_size(parts: Sequence[memoryview]) -> int:
+    return sum(p.nbytes for p in parts)
+
+
+class Tier(abc.ABC):
+    """One storage tier. Every method is a coroutine and never blocks the event loop."""
+
+    #: URL scheme this tier serves, e.g. ``"file"``.
+    scheme: str = ""
+
+    def __init__(self, url: str, *, name: str | None = None,
+                 capacity_bytes: int | None = None) -> None:
+        self.url = url
+        self.name = name or self.scheme or url
+        self.capacity_bytes = capacity_bytes
+
+    @abc.abstractmethod
+    async def put(self, key: str, data: Payload) -> None:
+        """Store ``data`` (one buffer or a sequence written back to back) atomically."""
+
+    @abc.abstractmethod
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Read ``length`` bytes at ``offset`` (to the end when None). Raises KeyNotFound."""
+
+    async def readinto(self, key: str, out: memoryview, offset: int = 0) -> None:
+        """Fill ``out`` with the bytes at ``offset``; tiers override to skip a copy."""
+        if out.ndim != 1 or out.format != "B":
+            out = out.cast("B")
+        data = await self.get(key, offset, out.nbytes)
+        if len(data) != out.nbytes:
+            raise TierError(f"{self.name}: short read of {key!r}: "
+                            f"{len(data)} of {out.nbytes} bytes at offset {offset}")
+        out[:] = data
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove ``key``. Raises KeyNotFound when it does not exist."""
+
+    @abc.abstractmethod
+    async def list(self, prefix: str = "") -> list[str]:
+        """All committed keys starting with ``prefix``, sorted."""
+
+    @abc.abstractmethod
+    async def stat(self, key: str) -> TierStat:
+        """Size and modification time. Raises KeyNotFound."""
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self.stat(key)
+        except KeyNotFound:
+            return False
+        return True
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under ``prefix``; returns how many were removed."""
+        keys = await self.list(prefix)
+        await asyncio.gather(*(self.delete(k) for k in keys))
+        return len(keys)
+
+    async def close(self) -> None:  # noqa: B027 - a no-op default, not abstract
+        """Release clients, threads and handles. Idempotent."""
+
+    async def __aenter__(self) -> Tier:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, url={self.url!r})"
