@@ -14,6 +14,7 @@ import concurrent.futures
 import logging
 import os
 import secrets
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -30,10 +31,21 @@ from tiers.registry import open_tier
 from ._loop import LoopThread
 from .handle import SaveHandle
 from .manifest import FileMeta, Manifest, manifest_key, step_dir
+from .partition import BackwardPolicy, ForwardPolicy, PartitionPlan, make_plan
 from .policy import Policy, default_policy, load_policy
+from .profile import Profiler, WindowTracker
 from .restore import LoadedCheckpoint, committed_steps, load_checkpoint
 from .schedule import FlushJob, FlushScheduler, delete_checkpoint
-from .snapshot import DEFAULT_CHUNK_BYTES, Layout, block_tensor, copy_into
+from .snapshot import (
+    DEFAULT_CHUNK_BYTES,
+    AsymSnapshot,
+    Copier,
+    CudaCopier,
+    Layout,
+    block_tensor,
+    copy_into,
+    copy_slot,
+)
 from .state import apply_rng, capture_rng, flatten, pack_skeleton
 
 log = logging.getLogger(__name__)
@@ -67,6 +79,12 @@ class _Prepared:
         return f"{step_dir(self.step)}/{self.data_name}"
 
 
+@dataclass
+class _Pending:
+    snapshot: AsymSnapshot
+    prep: _Prepared
+
+
 def _as_list(optimizer: Any) -> list[Any]:
     if optimizer is None:
         return []
@@ -93,7 +111,11 @@ class Checkpointer:
 
     def __init__(self, model: torch.nn.Module | None, optimizer: Any = None, *,
                  policy: str | os.PathLike[str] | Policy | None = None,
-                 extras: Mapping[str, Stateful] | None = None,
+                 extras: Mapping[str, Stateful] | None = None, mode: str = "asym",
+                 warmup_iterations: int = 10, min_partition_bytes: int = 256 << 10,
+                 max_partition_bytes: int | None = None,
+                 forward_policy: ForwardPolicy = ForwardPolicy(),
+                 backward_policy: BackwardPolicy = BackwardPolicy(),
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, job: str | None = None) -> None:
         self.model = model
         self.optimizers = _as_list(optimizer)
@@ -113,6 +135,23 @@ class Checkpointer:
             self.policy = load_policy(policy)
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+        if mode not in ("asym", "naive"):
+            raise ValueError(f"mode must be 'asym' or 'naive', got {mode!r}")
+        self.mode = mode
+        self._plan_options: dict[str, Any] = {
+            "forward": forward_policy, "backward": backward_policy,
+            "min_partition_bytes": min_partition_bytes,
+            "max_partition_bytes": max_partition_bytes}
+        self._plans: dict[tuple[Any, ...], PartitionPlan] = {}
+        self._pending: _Pending | None = None
+        self._pending_lock = threading.Lock()
+        self._tracker: WindowTracker | None = None
+        self.profiler: Profiler | None = None
+        self._copier: Copier | None = None
+        if mode == "asym" and model is not None:
+            self._tracker = WindowTracker(model, self.optimizers)
+            self.profiler = Profiler(self._tracker, warmup_iterations)
+            self._tracker.add_listeners(self._on_window, self._on_step)
         self.chunk_bytes = chunk_bytes
         self.job = job or f"{os.uname().nodename}-{os.getpid()}-{secrets.token_hex(3)}"
         self._loop = LoopThread(f"asymcheck-{self.job}")
@@ -191,33 +230,122 @@ class Checkpointer:
         self._save_index += 1
         tiers = tuple(t.name for i, t in enumerate(self.policy.tiers)
                       if i == 0 or index % t.every == 0)
-        handle = SaveHandle.create(step, tiers)
+        handle = SaveHandle.create(step, tiers, kick=self._finish_pending)
         return _Prepared(step, secrets.token_hex(4), flat.tensors, layout,
                          pack_skeleton(flat.skeleton), handle, started)
 
+    def _deferrable(self, tensors: tuple[torch.Tensor, ...]) -> list[int]:
+        """Indices of tensors that only ``optimizer.step()`` changes (parameters and optimizer
+        state): those may be copied during the next forward and backward passes. Buffers,
+        RNG and extras change elsewhere and are copied at save time."""
+        owned: set[tuple[int, int]] = set()
+        if self.model is not None:
+            owned.update((p.data_ptr(), p.nbytes) for p in self.model.parameters())
+        for opt in self.optimizers:
+            for st in opt.state.values():
+                owned.update((v.data_ptr(), v.nbytes) for v in st.values()
+                             if isinstance(v, torch.Tensor))
+        return [i for i, t in enumerate(tensors)
+                if t.nbytes and t.is_contiguous() and (t.data_ptr(), t.nbytes) in owned]
+
+    def _plan(self, sizes: tuple[int, ...]) -> PartitionPlan | None:
+        profile = self.profiler.profile if self.profiler is not None else None
+        if profile is None or not sizes:
+            return None
+        key = (profile.signature, profile.iterations, id(profile), sizes)
+        plan = self._plans.get(key)
+        if plan is None:
+            self._plans.clear()
+            plan = self._plans[key] = make_plan(profile, sizes, **self._plan_options)
+            log.info("%s", plan)
+        return plan
+
     def _stage(self, prep: _Prepared, block: HostBlock) -> SaveHandle:
+        handle = prep.handle
         try:
-            copy_into(prep.tensors, prep.layout, block_tensor(block.view))
+            target = block_tensor(block.view)
+            deferred = self._deferrable(prep.tensors) if self.mode == "asym" else []
+            plan = self._plan(tuple(prep.tensors[i].nbytes for i in deferred))
+            if plan is None:
+                copy_into(prep.tensors, prep.layout, target)
+            else:
+                later = set(deferred)
+                for i, (t, slot) in enumerate(zip(prep.tensors, prep.layout.slots, strict=True)):
+                    if i not in later:
+                        copy_slot(t, slot, target)
+                snapshot = AsymSnapshot(
+                    plan, [prep.tensors[i] for i in deferred],
+                    [target[prep.layout.slots[i].offset:][:prep.layout.slots[i].nbytes]
+                     for i in deferred],
+                    self._copier_for(prep.tensors[deferred[0]].device),
+                    on_done=lambda: self._submit_commit(prep, block))
+                handle.metrics["plan"] = plan.summary()
+                with self._pending_lock:
+                    self._pending = _Pending(snapshot, prep)
         except BaseException:
             self._loop.submit(block.abort())
             raise
-        handle = prep.handle
         handle.stall_s = time.perf_counter() - prep.started_s
-        handle.metrics.update(stall_s=handle.stall_s, state_bytes=prep.layout.total_bytes,
+        handle.metrics.update(mode="naive" if plan is None else "asym", save_stall_s=handle.stall_s,
+                              stall_s=handle.stall_s, state_bytes=prep.layout.total_bytes,
                               tensors=len(prep.tensors))
+        if plan is None:
+            self._submit_commit(prep, block)
+        return handle
+
+    def _copier_for(self, device: torch.device) -> Copier:
+        if self._copier is None:
+            self._copier = CudaCopier(device) if device.type == "cuda" else Copier()
+        if isinstance(self._copier, CudaCopier):
+            self._copier.start()
+        return self._copier
+
+    def _submit_commit(self, prep: _Prepared, block: HostBlock) -> None:
         fut = self._loop.submit(self._commit_staged(prep, block))
         self._commits.add(fut)
         fut.add_done_callback(self._commits.discard)
-        return handle
+
+    # ------------------------------------------------- asymmetric snapshot hooks
+    def _on_window(self, k: int) -> None:
+        pending = self._pending
+        if pending is not None:
+            pending.snapshot.on_window(k)
+
+    def _on_step(self) -> None:
+        self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        """The step gate: complete the pending snapshot; the wait is added to its stall."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        t0 = time.perf_counter()
+        pending.snapshot.finish()
+        gate_s = time.perf_counter() - t0
+        handle = pending.prep.handle
+        handle.stall_s += gate_s
+        handle.metrics.update(gate_stall_s=gate_s, stall_s=handle.stall_s,
+                              residual_bytes=pending.snapshot.residual_bytes,
+                              overlapped_bytes=pending.snapshot.launched_bytes)
+
+    def finish_snapshot(self) -> None:
+        """Complete a pending asymmetric snapshot now. Call this before changing parameters or
+        optimizer state other than through ``optimizer.step()``."""
+        self._finish_pending()
 
     async def save(self, step: int) -> SaveHandle:
-        """Capture the state of ``step``; returns once it is copied (training may go on)."""
+        """Capture the state of ``step``. Naive mode returns once the state is copied; asym
+        mode returns after copying buffers and extras, and copies parameters and optimizer
+        state during the next forward/backward passes (the next optimizer step waits for it)."""
+        self._finish_pending()
         prep = self._prepare(step)
         block = await self._loop.run(self._reserve(prep))
         return self._stage(prep, block)
 
     def save_sync(self, step: int) -> SaveHandle:
         """``save`` for plain (non-async) training loops."""
+        self._finish_pending()
         prep = self._prepare(step)
         block = self._loop.call(self._reserve(prep))
         return self._stage(prep, block)
@@ -231,6 +359,10 @@ class Checkpointer:
             await asyncio.wait({task}, timeout=0.01)
             if task.done():
                 return task.result()
+            cap = self.host.capacity_bytes
+            if cap is None or self.host.committed_bytes + self.host.reserved_bytes + \
+                    prep.layout.total_bytes <= cap:
+                continue  # not blocked by the budget, only slow
             if await self._evict_one():
                 continue
             self._pins_changed.clear()
@@ -334,10 +466,12 @@ class Checkpointer:
 
     async def restore(self, step: int | None = None) -> int | None:
         """Load the newest committed checkpoint (or ``step``); None when nothing is committed."""
+        self._finish_pending()
         loaded = await self._loop.run(self._load(step))
         return None if loaded is None else self._apply(loaded)
 
     def restore_sync(self, step: int | None = None) -> int | None:
+        self._finish_pending()
         loaded = self._loop.call(self._load(step))
         return None if loaded is None else self._apply(loaded)
 
@@ -366,6 +500,10 @@ class Checkpointer:
 
     def _finish(self) -> None:
         self._loop.stop()
+        if self._tracker is not None:
+            self._tracker.remove()
+        if self._copier is not None:
+            self._copier.close()
         if self._errors:
             errors, self._errors = self._errors, []
             raise CheckpointError(f"{len(errors)} checkpoint operation(s) failed in the "
@@ -375,6 +513,7 @@ class Checkpointer:
         """Finish every queued flush, release tiers; raise a background error exactly once."""
         if self._closed:
             return
+        self._finish_pending()
         self._closed = True
         try:
             await self._loop.run(self._drain())
@@ -384,6 +523,7 @@ class Checkpointer:
     def close_sync(self) -> None:
         if self._closed:
             return
+        self._finish_pending()
         self._closed = True
         try:
             self._loop.call(self._drain())

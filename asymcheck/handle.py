@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,15 +12,20 @@ from typing import Any
 class Completion:
     """A one-shot event, awaitable from any event loop and waitable from any thread."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, kick: Callable[[], None] | None = None) -> None:
         self.what = what
+        self._kick = kick  # completes work that otherwise waits for training to go on
         self._fut: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     def __await__(self) -> Generator[Any, None, None]:
+        if self._kick is not None and not self._fut.done():
+            self._kick()
         return asyncio.wrap_future(self._fut).__await__()
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until done; re-raises the failure. TimeoutError if not done in time."""
+        if self._kick is not None and not self._fut.done():
+            self._kick()
         try:
             self._fut.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -58,9 +63,10 @@ class SaveHandle:
     _durable: dict[str, Completion] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def create(cls, step: int, tiers: tuple[str, ...]) -> SaveHandle:
-        durable = {t: Completion(f"step {step} durable on {t!r}") for t in tiers}
-        return cls(step=step, tiers=tiers, staged=Completion(f"step {step} staged"),
+    def create(cls, step: int, tiers: tuple[str, ...],
+               kick: Callable[[], None] | None = None) -> SaveHandle:
+        durable = {t: Completion(f"step {step} durable on {t!r}", kick) for t in tiers}
+        return cls(step=step, tiers=tiers, staged=Completion(f"step {step} staged", kick),
                    _durable=durable)
 
     def durable(self, tier: str) -> Completion:

@@ -27,7 +27,7 @@ _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 
           "GB": 10**9, "T": 10**12, "TB": 10**12, "P": 10**15, "PB": 10**15,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB": 2**50}
 
-_TIER_KEYS = {"name", "url", "capacity", "keep", "every", "on_full", "options"}
+_TIER_KEYS = {"name", "url", "capacity", "keep", "every", "on_full", "batch", "options"}
 _COMPRESSION_KEYS = {"mode", "full_every", "level"}
 _TOP_KEYS = {"tier", "compression"}
 
@@ -44,6 +44,7 @@ class TierPolicy:
     keep: int = 1
     every: int = 1
     on_full: str = "wait"
+    batch_bytes: int | str = "auto"  # "auto" (cost model), "off" (a file per tensor) or bytes
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -177,11 +178,18 @@ def _parse_tier(raw: Any, where: str, fail: Any, base_dir: Path | None) -> TierP
     on_full = raw.get("on_full", "wait")
     if on_full not in ("wait", "skip"):
         raise fail(f"{where}.on_full", f"must be \"wait\" or \"skip\", got {on_full!r}")
+    batch: int | str = raw.get("batch", "auto")
+    if batch not in ("auto", "off"):
+        try:
+            batch = parse_size(batch)
+        except ValueError as e:
+            raise fail(f"{where}.batch", f"must be \"auto\", \"off\" or a size: {e}") from None
     options = raw.get("options", {})
     if not isinstance(options, dict):
         raise fail(f"{where}.options", "must be a table")
     return TierPolicy(name=name, url=url, capacity_bytes=capacity, keep=ints["keep"],
-                      every=ints["every"], on_full=on_full, options=dict(options))
+                      every=ints["every"], on_full=on_full, batch_bytes=batch,
+                      options=dict(options))
 
 
 def _resolve_file_url(url: str, base_dir: Path | None, fail: Any, where: str) -> str:

@@ -8,12 +8,16 @@ naive mode copies everything at save time; the asymmetric mode (see
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import concurrent.futures
+import functools
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .manifest import ChunkMeta, TensorMeta, checksum
+from .partition import Partition, PartitionPlan
 from .state import dtype_name
 
 ALIGN_BYTES = 64
@@ -86,3 +90,171 @@ def copy_slot(src: torch.Tensor, slot: Slot, block: torch.Tensor) -> None:
 def copy_into(tensors: Sequence[torch.Tensor], layout: Layout, block: torch.Tensor) -> None:
     for t, slot in zip(tensors, layout.slots, strict=True):
         copy_slot(t, slot, block)
+
+
+def flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous tensor as a flat uint8 tensor on its device (no copy)."""
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+class AsymSnapshot:
+    """Executes a PartitionPlan for one save: partitions are launched as windows open.
+
+    CPU: a copier thread copies launched partitions while training computes.
+    CUDA: partitions are copied on a side stream into pinned host memory; the
+    step waits on the stream's event instead of blocking the CPU.
+    ``finish()`` (the optimizer-step gate) copies whatever was not launched yet
+    and waits for the rest; ``on_done`` fires exactly once, when every byte is in.
+    """
+
+    def __init__(self, plan: PartitionPlan, sources: Sequence[torch.Tensor],
+                 targets: Sequence[torch.Tensor], copier: Copier,
+                 on_done: Callable[[], None]) -> None:
+        self.plan = plan
+        self._src = [flat_bytes(t) for t in sources]
+        self._dst = list(targets)
+        self._copier = copier
+        self._on_done = on_done
+        self._lock = threading.Lock()
+        self._next = 0
+        self._outstanding = 0
+        self._finished = False
+        self.residual_bytes = 0
+        self.launched_bytes = 0
+
+    def _copy(self, partition: Partition) -> None:
+        for piece in partition.pieces:
+            self._copier.copy(self._dst[piece.item][piece.start:piece.stop],
+                              self._src[piece.item][piece.start:piece.stop])
+
+    def on_window(self, k: int) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            while self._next <= k and self._next < len(self.plan.partitions):
+                part = self.plan.partitions[self._next]
+                self._next += 1
+                if part.nbytes:
+                    self._outstanding += 1
+                    self.launched_bytes += part.nbytes
+                    self._copier.launch(functools.partial(self._copy, part),
+                                        self._launched_done)
+
+    def _launched_done(self) -> None:
+        with self._lock:
+            self._outstanding -= 1
+            done = (not self._finished and self._outstanding == 0
+                    and self._next == len(self.plan.partitions))
+            if done:
+                self._finished = True
+        if done:
+            self._on_done()
+
+    def finish(self) -> None:
+        """Copy what is left on the calling thread, wait for launched copies; idempotent."""
+        with self._lock:
+            if self._finished:
+                return
+            rest = self.plan.partitions[self._next:]
+            self._next = len(self.plan.partitions)
+            self._finished = True
+        for part in rest:
+            self.residual_bytes += part.nbytes
+            self._copy(part)
+        self._copier.complete(self._on_done)
+
+
+class Copier:
+    """Runs launched copies off the training thread (CPU: one worker thread)."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asymcheck-copy")
+        self._futures: set[concurrent.futures.Future[None]] = set()
+        self._lock = threading.Lock()
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+
+    def launch(self, fn: Callable[[], None], done: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                fn()
+            finally:
+                done()
+        fut = self._pool.submit(run)
+        with self._lock:
+            self._futures.add(fut)
+        fut.add_done_callback(self._forget)
+
+    def _forget(self, fut: concurrent.futures.Future[None]) -> None:
+        with self._lock:
+            self._futures.discard(fut)
+
+    def complete(self, on_done: Callable[[], None]) -> None:
+        """Wait for every launched copy (re-raising the first failure), then ``on_done()``."""
+        with self._lock:
+            futures = list(self._futures)
+        for f in futures:
+            f.result()
+        on_done()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class CudaCopier(Copier):
+    """Copies on a side stream into pinned host memory; completion tracked by events."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+        self._ready = torch.cuda.Event()
+
+    def start(self) -> None:
+        """Called at save(): the side stream waits for the state the compute stream made."""
+        self._ready.record(torch.cuda.current_stream(self.device))
+        self.stream.wait_event(self._ready)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=src.is_cuda)
+
+    def launch(self, fn: Callable[[], None], done: Callable[[], None]) -> None:
+        fn()  # enqueues on the side stream: returns at once
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        super().launch(event.synchronize, done)  # a host thread learns when it is done
+
+    def complete(self, on_done: Callable[[], None]) -> None:
+        """The compute stream waits for every copy (no CPU stall); a host thread learns when
+        the bytes are in and calls ``on_done``."""
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+        def wait_then_done() -> None:
+            event.synchronize()
+            on_done()
+
+        self._pool.submit(wait_then_done)
+
+
+def pin_memory(view: memoryview) -> Callable[[], None] | None:
+    """Page-lock a host block for fast asynchronous device-to-host copies (cudaHostRegister).
+
+    Returns an unregister function, or None when CUDA is absent or registration failed.
+    """
+    if not torch.cuda.is_available() or view.nbytes == 0:
+        return None
+    t = torch.frombuffer(view, dtype=torch.uint8)
+    ptr = t.data_ptr()
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(ptr, view.nbytes, 0)
+    if int(err) != 0:
+        return None
+
+    def unregister() -> None:
+        cudart.cudaHostUnregister(ptr)
+
+    return unregister

@@ -387,6 +387,14 @@ def test_estimated_ratio_is_close_to_the_real_one(codec: str) -> None:
     assert estimate == pytest.approx(real, rel=0.1)
 
 
+def test_estimated_ratio_samples_the_whole_of_a_mixed_partition() -> None:
+    rng = np.random.default_rng(23)
+    noise = rng.integers(0, 256, 3 << 20, dtype=np.uint8)
+    data = np.concatenate([noise[: 1 << 20], np.zeros(1 << 20, np.uint8), noise[1 << 20 :]])
+    real = encode(data, codec="zstd", elem_size=1).ratio
+    assert estimate_ratio(data, codec="zstd", elem_size=1) == pytest.approx(real, rel=0.05)
+
+
 def test_estimated_ratio_of_small_or_empty_data() -> None:
     small = np.zeros(1000, dtype=np.uint8)
     assert estimate_ratio(small, codec="zstd", elem_size=1) > 10

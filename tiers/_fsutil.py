@@ -62,6 +62,12 @@ def remove_stale_tmp(root: Path, skip_top: Collection[str] = ()) -> int:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(dirpath, fname))
                 removed += 1
+    # directories a dead write created but never filled hold no key: drop them
+    for dirpath, _, _ in os.walk(root, topdown=False):
+        rel = os.path.relpath(dirpath, root)
+        if rel != "." and rel.split(os.sep, 1)[0] not in skip_top:
+            with contextlib.suppress(OSError):  # not empty, or gone: keep going
+                os.rmdir(dirpath)
     if removed:
         log.info("removed %d stale tmp file(s) of dead processes under %s", removed, root)
     return removed
@@ -79,7 +85,7 @@ def list_files(root: Path, prefix: str, skip_top: Collection[str] = ()) -> list[
             if TMP_RE.search(fname):
                 continue
             key = fname if rel_dir == "." else f"{rel_dir}/{fname}"
-            if key.startswith(prefix):
+            if key.startswith(prefix) and key.split("/", 1)[0] not in skip_top:
                 keys.append(key)
     keys.sort()
     return keys

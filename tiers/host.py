@@ -9,7 +9,8 @@ into their memory. Deleted blocks go to a free pool (``.free/``) and are renamed
 by a later reservation of the same size, so steady-state checkpoints touch no fresh pages.
 
 One instance is expected to be the only writer of its directory: the byte budget and the
-mapping cache are per instance. Readers in other processes must copy a key's bytes before it
+mapping cache are per instance. An overwrite holds the old and the new value until its
+commit, so it needs room for both. Readers in other processes must copy a key's bytes before it
 is deleted, since its pages may be reused.
 """
 
@@ -134,7 +135,8 @@ class HostTier(Tier):
             if value is not None and value < 0:
                 raise ValueError(f"{what} must be >= 0 or None, got {value}")
         self.pool_max_bytes = pool_max_bytes
-        self._dir = Path(root or os.environ.get(ENV_ROOT) or DEFAULT_ROOT) / rel
+        self._root = Path(root or os.environ.get(ENV_ROOT) or DEFAULT_ROOT)
+        self._dir = self._root / rel
         self._pool_dir = self._dir / POOL_DIR
         self._opened = False
         self._closed = False
@@ -289,8 +291,7 @@ class HostTier(Tier):
     async def destroy(self) -> None:
         """Close and remove the tier's whole directory (and parents left empty)."""
         await self.close()
-        root = Path(os.environ.get(ENV_ROOT) or DEFAULT_ROOT)
-        await asyncio.to_thread(_remove_tree, self._dir, root)
+        await asyncio.to_thread(_remove_tree, self._dir, self._root)
 
     # ---- keys -------------------------------------------------------------------------------
 
@@ -315,24 +316,32 @@ class HostTier(Tier):
         if nbytes < 0:
             raise ValueError(f"{self.name}: cannot reserve {nbytes} bytes for {key!r}")
         await self._ensure_open()
-        reuse = await self._acquire(key, nbytes)
+        reuse = await self._acquire(key, nbytes)  # from here on, the bytes are ours
+        task = asyncio.ensure_future(self._make_block(key, path, nbytes, reuse))
+        try:
+            return await finish_even_if_cancelled(task)
+        except asyncio.CancelledError:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                await finish_even_if_cancelled(task.result().abort())
+            raise
+
+    async def _make_block(self, key: str, path: Path, nbytes: int,
+                          reuse: Path | None) -> HostBlock:
+        """Create the block's tmp file; any failure releases the reservation."""
         tmp = tmp_name(path)
         try:
             try:
-                mapping = await finish_even_if_cancelled(
-                    asyncio.to_thread(self._create, key, tmp, nbytes, reuse))
+                mapping = await asyncio.to_thread(self._create, key, tmp, nbytes, reuse)
             except OSError as exc:
                 if exc.errno != errno.ENOSPC or not self._pool:
                     raise
                 log.info("%s: shared memory is full; dropping the free pool", self.name)
                 await self._evict_pool(None)
-                mapping = await finish_even_if_cancelled(
-                    asyncio.to_thread(self._create, key, tmp, nbytes, None))
-        except OSError as exc:
+                mapping = await asyncio.to_thread(self._create, key, tmp, nbytes, None)
+        except BaseException as exc:
             self._release(nbytes)
-            raise os_error(self.name, "reserve", key, exc) from exc
-        except BaseException:
-            self._release(nbytes)
+            if isinstance(exc, OSError):
+                raise os_error(self.name, "reserve", key, exc) from exc
             raise
         block = HostBlock(self, key, nbytes, tmp, mapping)
         self._blocks.add(block)
@@ -379,15 +388,18 @@ class HostTier(Tier):
         raise AssertionError("unreachable")
 
     async def _commit_block(self, block: HostBlock) -> None:
-        if block._state == "committed":
-            return
+        if block._state == "open":
+            # Shielded: once the rename ran, the bookkeeping below must run too.
+            await finish_even_if_cancelled(self._commit_locked(block))
         if block._state == "aborted":
             raise TierError(f"{self.name}: block for {block.key!r} was aborted")
-        path = self._dir / block.key
+
+    async def _commit_locked(self, block: HostBlock) -> None:
         async with self._meta_lock:
+            if block._state != "open":  # a concurrent commit, or close() aborted it
+                return
             try:
-                await finish_even_if_cancelled(
-                    asyncio.to_thread(os.rename, block._tmp_path, path))
+                await asyncio.to_thread(os.rename, block._tmp_path, self._dir / block.key)
             except OSError as exc:
                 await self._abort_block(block)
                 raise os_error(self.name, "commit", block.key, exc) from exc
@@ -496,14 +508,18 @@ class HostTier(Tier):
                     asyncio.to_thread(_copy_parts, block.view, parts))
 
     async def delete(self, key: str) -> None:
+        """Remove ``key``; its pages go to the free pool unless a view of them is alive."""
         path = self._check_key(key)
         await self._ensure_open()
+        # Shielded: once the file moved, the bookkeeping below must run too.
+        await finish_even_if_cancelled(self._delete_locked(key, path))
+
+    async def _delete_locked(self, key: str, path: Path) -> None:
         async with self._meta_lock:
             unmapped = self._drop_mapping(key)
             pool_path = self._pool_dir / secrets.token_hex(8) if unmapped else None
             try:
-                size, pooled = await finish_even_if_cancelled(
-                    asyncio.to_thread(self._remove, path, pool_path))
+                size, pooled = await asyncio.to_thread(self._remove, path, pool_path)
             except OSError as exc:
                 raise self._fail("delete", key, exc) from exc
             old = self._sizes.pop(key, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from conftest import CAPACITY_KINDS, FILE_KINDS, TierFactory, tier_dir
 
 from tiers import CapacityError, KeyNotFound, Tier, TierError
 from tiers.host import HostTier
+from tiers.local import LocalTier
 
 MiB = 1 << 20
 
@@ -195,6 +197,24 @@ async def test_a_new_instance_on_the_same_url_sees_committed_data(
     assert await other.list() == sorted(data)
     for k, v in data.items():
         assert await other.get(k) == v
+
+
+async def test_a_cancelled_put_leaves_the_whole_value_or_nothing(tier: Tier) -> None:
+    data = os.urandom(8 * MiB)
+    for i, delay_s in enumerate([0, 0.001, 0.003, 0.01, 0.03]):
+        task = asyncio.create_task(tier.put(f"c/{i}", data))
+        await asyncio.sleep(delay_s)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    for key in await tier.list():
+        assert await tier.get(key) == data, f"{key} is torn"
+    if isinstance(tier, HostTier):
+        assert tier.reserved_bytes == 0
+        assert tier.committed_bytes == len(await tier.list()) * len(data)
+    if isinstance(tier, (HostTier, LocalTier)):
+        leftovers = [f for _, _, files in os.walk(tier_dir(tier)) for f in files if ".tmp-" in f]
+        assert leftovers == []
 
 
 # ---- byte budget: tiers with capacity ---------------------------------------------------------

@@ -143,6 +143,7 @@ async def test_the_free_pool_is_hidden_reserved_and_emptied_at_close(shm_root: P
     assert len(os.listdir(pool)) == 1 and tier.pooled_bytes == 100
     assert not (tier.directory / "a").exists(), "empty parents are pruned"
     assert await tier.list() == []
+    assert await tier.list(".free/") == []
     with pytest.raises(ValueError, match="reserved"):
         await tier.put(".free/x", b"")
     with pytest.raises(ValueError, match="tmp"):

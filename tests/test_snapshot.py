@@ -1,0 +1,298 @@
+"""Asymmetric partitioned snapshots: every checkpoint equals S_t exactly, plans are sound."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+import asymcheck
+from asymcheck.partition import Piece, make_plan, share_bytes
+from asymcheck.profile import BACKWARD, FORWARD, Profile, Window
+from asymcheck.restore import load_checkpoint
+from tests._util import assert_same
+from tiers.registry import open_tier
+
+transformers.logging.set_verbosity_error()
+
+
+def host_only(keep: int) -> asymcheck.Policy:
+    return asymcheck.Policy(tiers=(asymcheck.TierPolicy(name="host", url="shm://snap",
+                                                        keep=keep),))
+
+
+def gpt2() -> tuple[torch.nn.Module, Callable[[int], torch.Tensor]]:
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg)
+
+    def loss(i: int) -> torch.Tensor:
+        ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(i))
+        return model(ids, labels=ids).loss
+    return model, loss
+
+
+def bert() -> tuple[torch.nn.Module, Callable[[int], torch.Tensor]]:
+    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
+                                  intermediate_size=128, vocab_size=256,
+                                  max_position_embeddings=32)
+    model = transformers.BertForMaskedLM(cfg)
+
+    def loss(i: int) -> torch.Tensor:
+        ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(i))
+        return model(input_ids=ids, labels=ids).loss
+    return model, loss
+
+
+def resnet() -> tuple[torch.nn.Module, Callable[[int], torch.Tensor]]:
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                    num_labels=5)
+    model = transformers.ResNetForImageClassification(cfg)  # BatchNorm: buffers change in forward
+
+    def loss(i: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(4, 3, 32, 32, generator=g)
+        return model(pixel_values=x, labels=torch.randint(0, 5, (4,), generator=g)).loss
+    return model, loss
+
+
+class WithUnused(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(64, 64)
+        self.b = torch.nn.Linear(64, 64)
+        self.unused = torch.nn.Linear(64, 64)  # never in the forward pass
+        self.frozen = torch.nn.Linear(64, 64).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(self.frozen(x))))
+
+
+def unused() -> tuple[torch.nn.Module, Callable[[int], torch.Tensor]]:
+    model = WithUnused()
+
+    def loss(i: int) -> torch.Tensor:
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(i))
+        return model(x).square().mean()
+    return model, loss
+
+
+def run_and_check(build: Callable[[], tuple[torch.nn.Module, Callable[[int], torch.Tensor]]],
+                  *, iterations: int = 20, accumulate: int = 1) -> list[dict[str, Any]]:
+    """Train with save() after every step; every committed checkpoint must equal S_t."""
+    torch.manual_seed(0)
+    model, loss_fn = build()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    expected, handles = {}, []
+    with asymcheck.Checkpointer(model, opt, policy=host_only(iterations + 1),
+                                warmup_iterations=3, min_partition_bytes=1024) as ckpt:
+        for step in range(iterations):
+            for micro in range(accumulate):
+                (loss_fn(step * accumulate + micro) / accumulate).backward()
+            opt.step()
+            opt.zero_grad()
+            expected[step] = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+            handles.append(ckpt.save_sync(step))
+        for h in handles:
+            h.staged.wait(60)
+        metrics = [h.metrics for h in handles]
+
+    async def read_all() -> None:
+        tier = open_tier("shm://snap", name="host")
+        try:
+            for step, state in expected.items():
+                loaded = await load_checkpoint([tier], step)
+                assert loaded is not None
+                assert_same(state["model"], loaded.state["model"], f"step {step} model")
+                assert_same(state["opt"], loaded.state["optimizers"][0], f"step {step} opt")
+        finally:
+            await tier.close()
+
+    asyncio.run(read_all())
+    modes = [m["mode"] for m in metrics]
+    assert modes[:2] == ["naive"] * 2 and set(modes[3:]) == {"asym"}, modes
+    assert all(m["overlapped_bytes"] > 0 for m in metrics[4:-1]), \
+        "copies must run during the next iteration's windows"
+    return metrics
+
+
+@pytest.mark.parametrize("build", [gpt2, bert, resnet], ids=["gpt2", "bert", "resnet"])
+def test_every_checkpoint_equals_the_state_after_its_step(build: Any) -> None:
+    run_and_check(build)
+
+
+def test_gradient_accumulation_keeps_checkpoints_exact() -> None:
+    run_and_check(gpt2, iterations=12, accumulate=3)
+
+
+def test_unused_and_frozen_parameters_are_saved_exactly() -> None:
+    metrics = run_and_check(unused, iterations=10)
+    assert metrics[-1]["residual_bytes"] >= 0
+
+
+def test_save_twice_without_a_step_between(policy: asymcheck.Policy) -> None:
+    model, loss_fn = gpt2()
+    opt = torch.optim.AdamW(model.parameters())
+    with asymcheck.Checkpointer(model, opt, policy=host_only(5), warmup_iterations=2) as ckpt:
+        for step in range(4):
+            loss_fn(step).backward()
+            opt.step()
+            opt.zero_grad()
+            ckpt.save_sync(step)
+        want = copy.deepcopy(model.state_dict())
+        first, second = ckpt.save_sync(10), ckpt.save_sync(11)
+        second.staged.wait(60)
+        assert first.staged.done()
+        for step in (10, 11):
+            loaded = ckpt.load_sync(step)
+            assert loaded is not None
+            assert_same(want, loaded.state["model"])
+
+
+def test_staged_completes_without_a_further_step(tmp_path: Path) -> None:
+    model, loss_fn = gpt2()
+    opt = torch.optim.AdamW(model.parameters())
+    with asymcheck.Checkpointer(model, opt, policy=host_only(2), warmup_iterations=2) as ckpt:
+        for step in range(4):
+            loss_fn(step).backward()
+            opt.step()
+            opt.zero_grad()
+            handle = ckpt.save_sync(step)
+        assert handle.metrics["mode"] == "asym"
+        handle.staged.wait(30)  # training stopped: waiting must finish the copies itself
+        assert handle.metrics["residual_bytes"] == handle.metrics["plan"]["total_bytes"]
+
+
+def test_plan_partitions_sum_exactly_and_forward_ones_are_smaller() -> None:
+    windows = []
+    for i in range(4):
+        windows.append(Window(FORWARD, f"block{i}", 0.002))
+    for i in reversed(range(4)):
+        windows.append(Window(BACKWARD, f"block{i}", 0.010))
+    profile = Profile(tuple(windows), iterations=5)
+    sizes = [1000, 3, 70_001, 0, 12_345, 999]
+    plan = make_plan(profile, sizes, min_partition_bytes=0)
+    assert sum(p.nbytes for p in plan.partitions) == plan.total_bytes == sum(sizes)
+    fwd = [p.nbytes for p in plan.partitions if p.kind == FORWARD]
+    bwd = [p.nbytes for p in plan.partitions if p.kind == BACKWARD]
+    assert max(fwd) < min(bwd)
+    covered: dict[int, list[Piece]] = {}
+    for p in plan.partitions:
+        assert sum(x.stop - x.start for x in p.pieces) == p.nbytes
+        for x in p.pieces:
+            covered.setdefault(x.item, []).append(x)
+    for item, pieces in covered.items():  # every byte exactly once
+        pieces.sort(key=lambda x: x.start)
+        assert pieces[0].start == 0 and pieces[-1].stop == sizes[item]
+        assert all(a.stop == b.start for a, b in itertools.pairwise(pieces))
+
+
+def test_min_and_max_partition_sizes_are_respected() -> None:
+    shares = share_bytes([1.0] * 10, 10_000, min_partition_bytes=2_500)
+    assert sum(shares) == 10_000 and all(s == 0 or s >= 2_500 for s in shares[:-1])
+    shares = share_bytes([1.0, 1.0, 8.0, 1.0], 10_000, max_partition_bytes=3_000)
+    assert sum(shares) == 10_000 and all(s <= 3_000 for s in shares[:-1])
+
+
+class _SlowBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.012)
+        return grad
+
+
+class SleepyBlock(torch.nn.Module):
+    """Forward takes ~3 ms, backward ~12 ms: windows of known length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(256, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.003)
+        return _SlowBackward.apply(self.lin(x))
+
+
+def test_profiled_plan_gives_forward_windows_smaller_partitions() -> None:
+    model = torch.nn.Sequential(*[SleepyBlock() for _ in range(4)])
+    opt = torch.optim.AdamW(model.parameters())
+    with asymcheck.Checkpointer(model, opt, policy=host_only(2), warmup_iterations=4,
+                                min_partition_bytes=0) as ckpt:
+        for step in range(6):
+            model(torch.randn(2, 256)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            handle = ckpt.save_sync(step)
+        assert ckpt.profiler is not None and ckpt.profiler.profile is not None
+        profile = ckpt.profiler.profile
+        fwd = [w.duration_s for w in profile.windows if w.kind == FORWARD]
+        bwd = [w.duration_s for w in profile.windows if w.kind == BACKWARD]
+        # 4 forward windows of ~3 ms; 4 backward windows of ~12 ms, then the short gap
+        # between the last gradient and the optimizer step
+        assert len(fwd) == 4 and len(bwd) == 5
+        assert max(fwd) < min(bwd[:4]) and bwd[4] < min(bwd[:4])
+        plan = handle.metrics["plan"]
+        sizes = {kind: [n for _, k, _, n in plan["windows"] if k == kind]
+                 for kind in (FORWARD, BACKWARD)}
+        assert sum(n for *_, n in plan["windows"]) == plan["total_bytes"]
+        assert len(sizes[FORWARD]) == 4 and len(sizes[BACKWARD]) >= 4
+        assert max(sizes[FORWARD]) < sorted(sizes[BACKWARD])[-4]
+
+
+def test_ddp_wrapped_model_checkpoints_exactly(tmp_path: Path) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        run_and_check(lambda: _ddp(DistributedDataParallel), iterations=8)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp(wrapper: Any) -> tuple[torch.nn.Module, Callable[[int], torch.Tensor]]:
+    inner, _ = unused()
+    inner.unused.requires_grad_(False)  # DDP rejects parameters that never get a gradient
+    model = wrapper(inner)
+
+    def ddp_loss(i: int) -> torch.Tensor:
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(i))
+        return model(x).square().mean()
+    return model, ddp_loss
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_snapshot_uses_side_stream_and_is_exact() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)]).cuda()
+    opt = torch.optim.AdamW(model.parameters())
+    expected, handles = {}, []
+    with asymcheck.Checkpointer(model, opt, policy=host_only(12), warmup_iterations=3) as ckpt:
+        for step in range(10):
+            model(torch.randn(64, 512, device="cuda")).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            expected[step] = copy.deepcopy(model.state_dict())
+            handles.append(ckpt.save_sync(step))
+        for h in handles:
+            h.staged.wait(60)
+        assert {h.metrics["mode"] for h in handles[4:]} == {"asym"}
+        for step, want in expected.items():
+            loaded = ckpt.load_sync(step)
+            assert loaded is not None
+            assert_same(want, loaded.state["model"])
