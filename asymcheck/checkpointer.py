@@ -164,6 +164,11 @@ class Checkpointer:
         self._pins: Counter[int] = Counter()
         self._pins_changed: asyncio.Event | None = None
         self._commits: set[concurrent.futures.Future[None]] = set()
+        # a host block reserved ahead of the next save, so save() need not wait for the loop
+        self._spare_lock = threading.Lock()
+        self._spare_block: HostBlock | None = None
+        self._spare_wanted: int | None = None
+        self._spare_tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ tiers
     @property
@@ -340,15 +345,52 @@ class Checkpointer:
         state during the next forward/backward passes (the next optimizer step waits for it)."""
         self._finish_pending()
         prep = self._prepare(step)
-        block = await self._loop.run(self._reserve(prep))
+        block = self._take_spare(prep)
+        if block is None:
+            block = await self._loop.run(self._reserve(prep))
         return self._stage(prep, block)
 
     def save_sync(self, step: int) -> SaveHandle:
         """``save`` for plain (non-async) training loops."""
         self._finish_pending()
         prep = self._prepare(step)
-        block = self._loop.call(self._reserve(prep))
+        block = self._take_spare(prep)
+        if block is None:
+            block = self._loop.call(self._reserve(prep))
         return self._stage(prep, block)
+
+    def _take_spare(self, prep: _Prepared) -> HostBlock | None:
+        with self._spare_lock:
+            block, self._spare_block = self._spare_block, None
+            self._spare_wanted = None  # a reservation still in flight is given back
+        if block is not None and block.nbytes != prep.layout.total_bytes:
+            self._loop.submit(block.abort())
+            return None
+        return block
+
+    def _want_spare(self, nbytes: int) -> None:
+        with self._spare_lock:
+            if self._closed or self._spare_block is not None or self._spare_wanted is not None:
+                return
+            self._spare_wanted = nbytes
+        task = asyncio.ensure_future(self._reserve_spare(nbytes))
+        self._spare_tasks.add(task)
+        task.add_done_callback(self._spare_tasks.discard)
+
+    async def _reserve_spare(self, nbytes: int) -> None:
+        try:
+            block = await self.host.reserve(f"staging/spare-{secrets.token_hex(4)}.bin", nbytes)
+        except Exception as e:
+            log.debug("no spare host block reserved: %s", e)
+            with self._spare_lock:
+                self._spare_wanted = None
+            return
+        with self._spare_lock:
+            keep = self._spare_wanted == nbytes and self._spare_block is None
+            if keep:
+                self._spare_block, self._spare_wanted = block, None
+        if not keep:
+            await block.abort()
 
     async def _reserve(self, prep: _Prepared) -> HostBlock:
         """A host block for the new checkpoint; under memory pressure, evict old host copies."""
@@ -384,7 +426,7 @@ class Checkpointer:
         handle, host = prep.handle, self.host
         try:
             metas = await asyncio.to_thread(prep.layout.tensor_metas, block.view, prep.data_name)
-            await block.commit()
+            await block.commit(prep.data_key)
             manifest = Manifest(step=prep.step, created_s=time.time(), job=self.job,
                                 objects=prep.objects, tensors=metas,
                                 files=(FileMeta(prep.data_name, prep.layout.total_bytes),),
@@ -398,6 +440,7 @@ class Checkpointer:
             return
         handle.staged.set_done()
         handle.durable(host.name).set_done()
+        self._want_spare(prep.layout.total_bytes)
         assert self._scheduler is not None
         for name in handle.tiers[1:]:
             self._pins[prep.step] += 1
@@ -493,6 +536,13 @@ class Checkpointer:
                                      return_exceptions=True)
             if self._scheduler:
                 await self._scheduler.join()
+        for task in list(self._spare_tasks):
+            task.cancel()
+        await asyncio.gather(*self._spare_tasks, return_exceptions=True)
+        with self._spare_lock:
+            spare, self._spare_block, self._spare_wanted = self._spare_block, None, None
+        if spare is not None:
+            await spare.abort()
         if self._scheduler:
             await self._scheduler.close()
         for tier in self._tiers.values():

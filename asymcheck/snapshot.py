@@ -111,7 +111,7 @@ class AsymSnapshot:
                  targets: Sequence[torch.Tensor], copier: Copier,
                  on_done: Callable[[], None]) -> None:
         self.plan = plan
-        self._src = [flat_bytes(t) for t in sources]
+        self._src = list(sources)
         self._dst = list(targets)
         self._copier = copier
         self._on_done = on_done
@@ -124,8 +124,9 @@ class AsymSnapshot:
 
     def _copy(self, partition: Partition) -> None:
         for piece in partition.pieces:
+            src = flat_bytes(self._src[piece.item])
             self._copier.copy(self._dst[piece.item][piece.start:piece.stop],
-                              self._src[piece.item][piece.start:piece.stop])
+                              src[piece.start:piece.stop])
 
     def on_window(self, k: int) -> None:
         with self._lock:

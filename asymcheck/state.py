@@ -33,6 +33,9 @@ for _name in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"):
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
+_PLAIN = frozenset({int, float, str, bool, type(None), bytes})
+
+
 @dataclass(frozen=True)
 class TensorRef:
     """Placeholder for the ``index``-th tensor leaf inside a skeleton."""
@@ -72,7 +75,7 @@ def flatten(state: Any) -> FlatState:
             if obj.is_sparse or obj.layout != torch.strided:
                 raise TypeError(f"{path}: only dense (strided) tensors can be checkpointed")
             paths.append(path)
-            tensors.append(obj.detach())
+            tensors.append(obj.detach() if obj.requires_grad else obj)
             return TensorRef(len(tensors) - 1)
         if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
             return obj
@@ -87,10 +90,11 @@ def flatten(state: Any) -> FlatState:
                     raise TypeError(f"{path}: dict key {k!r} must be str or int")
                 out[k] = walk(v, f"{path}/{k}" if path else str(k))
             return out
-        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-            return tuple(walk(v, f"{path}/{i}") for i, v in enumerate(obj))
-        if isinstance(obj, list):
-            return [walk(v, f"{path}/{i}") for i, v in enumerate(obj)]
+        if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+            if all(type(v) in _PLAIN for v in obj):  # e.g. an RNG state: no walk per element
+                return obj
+            items = [walk(v, f"{path}/{i}") for i, v in enumerate(obj)]
+            return tuple(items) if isinstance(obj, tuple) else items
         raise TypeError(f"{path or '<root>'}: a value of type {type(obj).__name__} cannot be "
                         "checkpointed (use tensors, numbers, strings, lists, tuples, dicts)")
 
@@ -117,7 +121,7 @@ def unflatten(skeleton: Any, tensors: Sequence[torch.Tensor]) -> Any:
 
 def _default(obj: Any) -> msgpack.ExtType:
     if isinstance(obj, TensorRef):
-        return msgpack.ExtType(_EXT_TENSOR, msgpack.packb(obj.index))
+        return msgpack.ExtType(_EXT_TENSOR, obj.index.to_bytes(4, "big"))
     if isinstance(obj, tuple):
         return msgpack.ExtType(_EXT_TUPLE, pack_skeleton(list(obj)))
     if isinstance(obj, np.ndarray):
@@ -131,10 +135,9 @@ def _default(obj: Any) -> msgpack.ExtType:
 
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == _EXT_TENSOR:
-        index = msgpack.unpackb(data)
-        if not isinstance(index, int) or index < 0:
+        if len(data) != 4:
             raise ValueError("bad tensor reference in checkpoint skeleton")
-        return TensorRef(index)
+        return TensorRef(int.from_bytes(data, "big"))
     if code == _EXT_TUPLE:
         return tuple(unpack_skeleton(data))
     if code == _EXT_NDARRAY:

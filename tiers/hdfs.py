@@ -18,7 +18,9 @@ URL and the key, in bounded time:
 * the client's own NameNode retry loop is off by default
   (``dfs.client.failover.max.attempts=0``): in hdfs-native 0.14 the async client's retry path
   panics (``pyo3_runtime.PanicException``, a ``BaseException``) when a NameNode is unreachable;
-  with no retries it raises ``ConnectionRefusedError`` at once;
+  with no retries it raises ``ConnectionRefusedError`` at once. Dropping a client that panicked
+  and creating a new one can then deadlock the process, so a tier keeps its client until
+  ``close()``;
 * a ``PanicException`` is recognised by its type name and module and wrapped; it never hides
   ``KeyboardInterrupt``, ``SystemExit`` or ``asyncio.CancelledError``.
 
@@ -190,8 +192,8 @@ class HdfsTier(Tier):
         if isinstance(exc, Exception):
             raise TierError(f"{where}: {_first_line(exc)}") from exc
         if _is_panic(exc):
-            # A panic may leave the client's connection state broken: start a fresh one.
-            self._client = None
+            # Keep using the same client: dropping a client that panicked and creating another
+            # while the loop runs can deadlock the process (seen with hdfs-native 0.14.7).
             raise TierError(f"{where}: HDFS client panicked: {_first_line(exc)}") from exc
         raise exc
 

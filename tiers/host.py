@@ -87,9 +87,10 @@ class HostBlock:
     def committed(self) -> bool:
         return self._state == "committed"
 
-    async def commit(self) -> None:
-        """Publish the block under its key (atomic rename); no-op when already committed."""
-        await self._tier._commit_block(self)
+    async def commit(self, key: str | None = None) -> None:
+        """Publish the block (atomic rename) under its key, or under ``key`` when given (a block
+        reserved ahead of time before its final name was known); no-op when already committed."""
+        await self._tier._commit_block(self, key)
 
     async def abort(self) -> None:
         """Drop the block and release its bytes; no-op once committed or aborted."""
@@ -387,7 +388,10 @@ class HostTier(Tier):
                     raise
         raise AssertionError("unreachable")
 
-    async def _commit_block(self, block: HostBlock) -> None:
+    async def _commit_block(self, block: HostBlock, key: str | None = None) -> None:
+        if key is not None and block._state == "open" and key != block.key:
+            self._check_key(key)
+            block.key = key
         if block._state == "open":
             # Shielded: once the rename ran, the bookkeeping below must run too.
             await finish_even_if_cancelled(self._commit_locked(block))
@@ -399,7 +403,7 @@ class HostTier(Tier):
             if block._state != "open":  # a concurrent commit, or close() aborted it
                 return
             try:
-                await asyncio.to_thread(os.rename, block._tmp_path, self._dir / block.key)
+                await asyncio.to_thread(self._rename_into_place, block._tmp_path, block.key)
             except OSError as exc:
                 await self._abort_block(block)
                 raise os_error(self.name, "commit", block.key, exc) from exc
@@ -414,6 +418,10 @@ class HostTier(Tier):
                 self._maps[block.key] = block._mapping
             self._epoch += 1
             self._release(block.nbytes)
+
+    def _rename_into_place(self, tmp: Path, key: str) -> None:
+        makedirs_durable(self._dir, key.rpartition("/")[0], fsync=False)
+        os.rename(tmp, self._dir / key)
 
     async def _abort_block(self, block: HostBlock) -> None:
         if block._state != "open":

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import CAPACITY_KINDS, FILE_KINDS, TierFactory, tier_dir
+from tier_cases import CAPACITY_KINDS, FILE_KINDS, TierFactory, tier_dir
 
 from tiers import CapacityError, KeyNotFound, Tier, TierError
 from tiers.host import HostTier

@@ -1,0 +1,165 @@
+"""The training process of the kill storm, run as ``python -m tests.faults._storm_child``.
+
+Importing torch costs seconds, so this process imports once and forks one trainer per trial
+(a fresh process with its own pid, threads and Checkpointer). It reads one JSON trial per
+line on stdin; the trainer and this process report JSON lines on stdout:
+``{"pid": P}``, ``{"started": STEP}`` (restored, training from STEP), ``{"saved": STEP,
+"mode": M}``, ``{"done": true}`` (not killed), and ``{"exit": P, "signal": S, "code": C}``.
+
+A trainer resumes from the newest committed checkpoint, then trains and saves every step.
+Before each save it writes ``ref-<step>.pt``: torch.save of a deep copy of the model,
+optimizer and scheduler state, fsynced, so the parent can compare restores byte for byte.
+A trial may arm a hook that SIGKILLs the trainer on the Nth call of a function of the save
+path (before or after the call runs), or the parent kills it after a random delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import asymcheck
+import asymcheck.checkpointer
+import asymcheck.schedule
+import tiers.host
+import tiers.local
+from tests._util import make_training, snapshot, train_steps
+
+_real_fsync = os.fsync
+_real_rename = os.rename
+
+
+def emit(**msg: Any) -> None:
+    os.write(1, (json.dumps(msg) + "\n").encode())
+
+
+def save_ref(path: Path, state: Any) -> None:
+    """The reference of a step: written, fsynced and renamed with the unhooked functions."""
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        _real_fsync(f.fileno())
+    _real_rename(tmp, path)
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+#: hook name -> (owner, attribute) pairs patched together (a function imported by name into
+#: another module is patched there too, so every caller goes through the hook).
+HOOKS: dict[str, list[tuple[Any, str]]] = {
+    "os.fsync": [(os, "fsync")],
+    "os.rename": [(os, "rename")],
+    "HostBlock.commit": [(tiers.host.HostBlock, "commit")],
+    "HostTier.put": [(tiers.host.HostTier, "put")],
+    "HostTier.delete": [(tiers.host.HostTier, "delete")],
+    "LocalTier.put": [(tiers.local.LocalTier, "put")],
+    "LocalTier.delete": [(tiers.local.LocalTier, "delete")],
+    "delete_checkpoint": [(asymcheck.schedule, "delete_checkpoint"),
+                          (asymcheck.checkpointer, "delete_checkpoint")],
+}
+
+
+def arm(hook: str, nth: int, when: str) -> None:
+    """SIGKILL this process on the ``nth`` call of ``hook``, ``before`` or ``after`` it runs."""
+    lock = threading.Lock()
+    calls = [0]
+
+    def count() -> bool:
+        with lock:
+            calls[0] += 1
+            return calls[0] == nth
+
+    for owner, attr in HOOKS[hook]:
+        real = getattr(owner, attr)
+        setattr(owner, attr, _wrap(real, count, when))
+
+
+def _wrap(real: Callable[..., Any], count: Callable[[], bool], when: str) -> Callable[..., Any]:
+    if asyncio.iscoroutinefunction(real):
+        @functools.wraps(real)
+        async def async_hook(*args: Any, **kwargs: Any) -> Any:
+            fire = count()
+            if fire and when == "before":
+                die()
+            result = await real(*args, **kwargs)
+            if fire:
+                die()
+            return result
+        return async_hook
+
+    @functools.wraps(real)
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        fire = count()
+        if fire and when == "before":
+            die()
+        result = real(*args, **kwargs)
+        if fire:
+            die()
+        return result
+    return hook
+
+
+def trial(cfg: dict[str, Any]) -> None:
+    directory = Path(cfg["dir"])
+    refs = Path(cfg["refs"])
+    model, opt, sched = make_training(seed=cfg["seed"], width=cfg["width"])
+    options: dict[str, Any] = {"mode": "naive"}
+    if cfg["mode"] == "asym":  # the default mode, with a short warm-up and small partitions
+        options = {"warmup_iterations": 3, "min_partition_bytes": 1024}
+    ckpt = asymcheck.Checkpointer(model, opt, policy=asymcheck.default_policy(directory),
+                                  extras={"sched": sched}, **options)
+    restored = ckpt.restore_sync()
+    step = 0 if restored is None else restored + 1
+    if cfg["mode"] == "asym":
+        train_steps(model, opt, sched, 4)  # warm-up: the profiler learns the windows
+    if cfg.get("hook"):
+        arm(cfg["hook"], cfg["nth"], cfg["when"])
+    emit(started=step)
+    for _ in range(cfg["saves"]):
+        train_steps(model, opt, sched, 1)
+        save_ref(refs / f"ref-{step}.pt", snapshot(model, opt, sched))
+        handle = ckpt.save_sync(step)
+        emit(saved=step, mode=handle.metrics.get("mode"))
+        step += 1
+    ckpt.close_sync()
+    emit(done=True)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    emit(ready=True)
+    for line in sys.stdin:
+        cfg = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                trial(cfg)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        emit(pid=pid)
+        _, status = os.waitpid(pid, 0)
+        emit(exit=pid, signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0,
+             code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None)
+
+
+if __name__ == "__main__":
+    main()
