@@ -30,12 +30,12 @@ from tiers.registry import open_tier
 
 from ._loop import LoopThread
 from .handle import SaveHandle
-from .manifest import FileMeta, Manifest, manifest_key, step_dir
+from .manifest import ChunkMeta, FileMeta, Manifest, TensorMeta, manifest_key, step_dir
 from .partition import BackwardPolicy, ForwardPolicy, PartitionPlan, make_plan
 from .policy import Policy, default_policy, load_policy
 from .profile import Profiler, WindowTracker
-from .restore import LoadedCheckpoint, committed_steps, load_checkpoint
-from .schedule import FlushJob, FlushScheduler, delete_checkpoint
+from .restore import LoadedCheckpoint, committed_steps, load_checkpoint, read_manifest
+from .schedule import FlushJob, FlushScheduler, TierSkipped, delete_checkpoint
 from .snapshot import (
     DEFAULT_CHUNK_BYTES,
     AsymSnapshot,
@@ -196,7 +196,8 @@ class Checkpointer:
             raise TypeError(f"{self.policy.source}: the staging tier must be a HostTier")
         if host.capacity_bytes is None:
             host.capacity_bytes = _shm_default_capacity(host)
-        self._scheduler = FlushScheduler(self._tiers, self.policy, on_done=self._flush_done)
+        self._scheduler = FlushScheduler(self._tiers, self.policy, on_done=self._flush_done,
+                                         pin=self._pin, unpin=self._unpin)
         for tier in self._tiers.values():
             await self._drop_uncommitted(tier)
 
@@ -345,6 +346,13 @@ class Checkpointer:
         state during the next forward/backward passes (the next optimizer step waits for it)."""
         self._finish_pending()
         prep = self._prepare(step)
+        waiting = self._full_queues(prep)
+        if waiting:
+            t0 = time.perf_counter()
+            await self._loop.run(self._await_room(waiting))
+            prep.handle.metrics["backpressure_s"] = time.perf_counter() - t0
+        if self._too_big_for_host(prep):
+            return await asyncio.to_thread(self._save_streaming, prep)
         block = self._take_spare(prep)
         if block is None:
             block = await self._loop.run(self._reserve(prep))
@@ -354,10 +362,137 @@ class Checkpointer:
         """``save`` for plain (non-async) training loops."""
         self._finish_pending()
         prep = self._prepare(step)
+        waiting = self._full_queues(prep)
+        if waiting:
+            t0 = time.perf_counter()
+            self._loop.call(self._await_room(waiting))
+            prep.handle.metrics["backpressure_s"] = time.perf_counter() - t0
+        if self._too_big_for_host(prep):
+            return self._save_streaming(prep)
         block = self._take_spare(prep)
         if block is None:
             block = self._loop.call(self._reserve(prep))
         return self._stage(prep, block)
+
+    def _full_queues(self, prep: _Prepared) -> list[str]:
+        """Scheduled tiers with ``on_full = wait`` whose flush queue is full: this save waits
+        for them (backpressure), and the wait is part of its stall."""
+        sched = self._scheduler
+        if sched is None:
+            return []
+        return [t for t in prep.handle.tiers[1:]
+                if self.policy.tier(t).on_full == "wait" and sched.full(t)]
+
+    async def _await_room(self, tiers: list[str]) -> None:
+        assert self._scheduler is not None
+        for name in tiers:
+            await self._scheduler.wait_room(name)
+
+    # ------------------------------------------------- states larger than the host budget
+    def _too_big_for_host(self, prep: _Prepared) -> bool:
+        """A checkpoint is staged whole only if two fit the host budget (the newest committed
+        one stays while the next is copied); larger states stream through in pieces."""
+        if self._open_task is None or not self._open_task.done():
+            self._loop.call(self._ensure_open())
+        cap = self.host.capacity_bytes
+        return cap is not None and 2 * prep.layout.total_bytes > cap
+
+    def _save_streaming(self, prep: _Prepared) -> SaveHandle:
+        """Copy the state in pieces of a quarter of the host budget; each piece is written to
+        every scheduled downstream tier and then freed, so host memory never exceeds the
+        budget. The training thread waits while the budget is full: that wait is the stall."""
+        host = self.host
+        assert host.capacity_bytes is not None
+        downstream = tuple(t for t in prep.handle.tiers if t != host.name)
+        if not downstream:
+            raise CheckpointError(
+                f"step {prep.step}: {prep.layout.total_bytes} bytes of state exceed the host "
+                f"budget of {host.capacity_bytes} bytes and no other tier takes this save")
+        handle = prep.handle = SaveHandle.create(prep.step, downstream)
+        piece_bytes = max(host.capacity_bytes // 4, 64 << 10)
+        sd = step_dir(prep.step)
+        pieces: list[concurrent.futures.Future[list[tuple[int, ChunkMeta]]]] = []
+        failed: dict[str, BaseException] = {}
+        for i, segments in enumerate(prep.layout.pieces(piece_bytes)):
+            name = f"data-{prep.save_id}-{i:05d}.bin"
+            size = sum(n for _, _, n in segments)
+            block = self._loop.call(host.reserve(f"{sd}/{name}", size))
+            target = block_tensor(block.view)
+            pos = 0
+            for slot_index, start, n in segments:
+                src = prep.tensors[slot_index].detach().contiguous().reshape(-1)
+                target[pos:pos + n].copy_(src.view(torch.uint8)[start:start + n])
+                pos += n
+            pieces.append(self._loop.submit(
+                self._stream_piece(prep, block, name, segments, downstream, failed)))
+        handle.stall_s = time.perf_counter() - prep.started_s
+        handle.metrics.update(mode="streaming", save_stall_s=handle.stall_s,
+                              stall_s=handle.stall_s, state_bytes=prep.layout.total_bytes,
+                              tensors=len(prep.tensors), pieces=len(pieces),
+                              piece_bytes=piece_bytes)
+        handle.staged.set_done()
+        fut = self._loop.submit(self._stream_commit(prep, pieces, downstream, failed))
+        self._commits.add(fut)
+        fut.add_done_callback(self._commits.discard)
+        return handle
+
+    async def _stream_piece(self, prep: _Prepared, block: HostBlock, name: str,
+                            segments: list[tuple[int, int, int]], downstream: tuple[str, ...],
+                            failed: dict[str, BaseException]) -> list[tuple[int, ChunkMeta]]:
+        """Checksum one piece, write it to every downstream tier, then free its host memory."""
+        try:
+            chunks = await asyncio.to_thread(prep.layout.piece_chunks, block.view, name,
+                                             segments)
+            key = f"{step_dir(prep.step)}/{name}"
+            for tier_name in downstream:
+                if tier_name in failed:
+                    continue
+                try:
+                    await self._tiers[tier_name].put(key, block.view)
+                except Exception as e:
+                    failed.setdefault(tier_name, e)
+            return chunks
+        finally:
+            await block.abort()
+
+    async def _stream_commit(self, prep: _Prepared,
+                             pieces: list[concurrent.futures.Future[list[tuple[int, ChunkMeta]]]],
+                             downstream: tuple[str, ...],
+                             failed: dict[str, BaseException]) -> None:
+        handle = prep.handle
+        try:
+            results = [await asyncio.wrap_future(p) for p in pieces]
+        except BaseException as e:
+            self._fail(handle, [t for t in downstream if t not in failed], e)
+            raise
+        by_slot: dict[int, list[ChunkMeta]] = {}
+        files = []
+        for i, chunks in enumerate(results):
+            name = f"data-{prep.save_id}-{i:05d}.bin"
+            files.append(FileMeta(name, sum(c.stored_len for _, c in chunks)))
+            for slot_index, chunk in chunks:
+                by_slot.setdefault(slot_index, []).append(chunk)
+        tensors = tuple(
+            TensorMeta(s.path, s.dtype, s.shape, s.nbytes,
+                       tuple(sorted(by_slot.get(i, []), key=lambda c: c.raw_offset)))
+            for i, s in enumerate(prep.layout.slots))
+        manifest = Manifest(step=prep.step, created_s=time.time(), job=self.job,
+                            objects=prep.objects, tensors=tensors, files=tuple(files),
+                            info={"save_id": prep.save_id, "stall_s": handle.stall_s,
+                                  "streamed": True})
+        data = manifest.to_bytes()
+        for tier_name in downstream:
+            if tier_name in failed:
+                self._fail(handle, (tier_name,), failed[tier_name])
+                continue
+            try:
+                await self._tiers[tier_name].put(manifest_key(prep.step), data)
+            except Exception as e:
+                self._fail(handle, (tier_name,), e)
+                continue
+            handle.durable(tier_name).set_done()
+            await self._retain(self._tiers[tier_name])
+
 
     def _take_spare(self, prep: _Prepared) -> HostBlock | None:
         with self._spare_lock:
@@ -443,17 +578,30 @@ class Checkpointer:
         self._want_spare(prep.layout.total_bytes)
         assert self._scheduler is not None
         for name in handle.tiers[1:]:
-            self._pins[prep.step] += 1
-            await self._scheduler.submit(name, FlushJob(manifest, prep.data_name, handle))
+            if self.policy.tier(name).on_full == "skip" and self._scheduler.full(name):
+                log.warning("tier %s is behind: step %d is not persisted there (on_full = skip)",
+                            name, prep.step)
+                handle.metrics.setdefault("skipped", []).append(name)
+                handle.durable(name).set_failed(TierSkipped(
+                    f"step {prep.step} skipped on tier {name!r}: its queue was full"))
+                continue
+            self._pin(prep.step)
+            await self._scheduler.submit(name, FlushJob(manifest, handle))
         await self._retain(host)
 
     async def _flush_done(self, job: FlushJob, tier: str, error: BaseException | None) -> None:
-        step = job.manifest.step
         if error is None:
             job.handle.durable(tier).set_done()
             await self._retain(self._tiers[tier])
         else:
             self._fail(job.handle, (tier,), error)
+        await self._unpin(job.manifest.step)
+
+    def _pin(self, step: int) -> None:
+        """Keep the host copy of ``step``: a flush or a delta base still reads it."""
+        self._pins[step] += 1
+
+    async def _unpin(self, step: int) -> None:
         self._pins[step] -= 1
         if self._pins[step] <= 0:
             del self._pins[step]
@@ -470,11 +618,21 @@ class Checkpointer:
             handle.durable(t).set_failed(error)
 
     async def _retain(self, tier: Tier) -> None:
+        """Keep the newest ``keep`` checkpoints, the delta bases they need, and pinned host
+        copies; delete older ones (only ever after a newer one committed on this tier)."""
         keep = self.policy.tier(tier.name).keep
+        is_host = tier is self._tiers[self.policy.staging.name]
         try:
             steps = await committed_steps(tier)
-            for s in steps[:-keep] if len(steps) > keep else []:
-                if tier is self._tiers[self.policy.staging.name] and self._pins[s]:
+            if len(steps) <= keep:
+                return
+            needed: set[int] = set()
+            if not is_host and self.policy.compression.mode != "off":
+                for s in steps[-keep:]:
+                    man = await read_manifest(tier, s)
+                    needed.update(man.info.get("compression", {}).get("base_steps", []))
+            for s in steps[:-keep]:
+                if s in needed or (is_host and self._pins[s]):
                     continue
                 await delete_checkpoint(tier, s)
         except Exception as e:

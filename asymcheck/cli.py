@@ -53,8 +53,10 @@ from .restore import (
 from .schedule import delete_checkpoint
 
 EXIT_OK, EXIT_FAULT, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE, like other command-line tools
 _LOGGERS = ("asymcheck", "tiers")
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _VERIFY_TENSORS = 4  # tensors buffered at once while verifying
 _VERIFY_CHUNKS = 8  # chunk reads in flight
 
@@ -176,6 +178,10 @@ def dump_json(doc: Any, out: TextIO) -> None:
     out.write("\n")
 
 
+def hex64(value: int | None) -> str | None:
+    return None if value is None else f"{value:016x}"
+
+
 def chunk_codecs(chunks: Sequence[ChunkMeta]) -> list[str]:
     names = {c.codec if c.base_step is None else f"{c.codec}(base {c.base_step})"
              for c in chunks}
@@ -190,7 +196,10 @@ def progress(total: int, desc: str, quiet: bool) -> Any:
     """A byte progress bar on a terminal's stderr; otherwise a silent stand-in."""
     if quiet or not sys.stderr.isatty():
         return _NoBar()
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # an optional extra: no bar then
+        return _NoBar()
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                 file=sys.stderr, leave=False)
@@ -243,7 +252,7 @@ async def describe_step(tier: Tier, step: int, keys: Sequence[str]) -> Entry:
     if any(k.endswith("/" + MANIFEST_NAME) for k in keys):
         try:
             m = await read_manifest(tier, step)
-        except (ManifestError, TierError) as e:
+        except Exception as e:
             entry = Entry(step, "corrupt", error=str(e))
         else:
             return Entry(step, "committed", m.created_s, m.stored_bytes, m.nbytes,
@@ -344,7 +353,9 @@ def manifest_json(tier: Tier, m: Manifest) -> dict[str, Any]:
                      "nbytes": t.nbytes,
                      "chunks": [{"file": c.file, "offset": c.offset, "stored_len": c.stored_len,
                                  "raw_offset": c.raw_offset, "raw_len": c.raw_len,
-                                 "xxh64": f"{c.xxh64:016x}", "codec": c.codec,
+                                 "xxh64": f"{c.xxh64:016x}",
+                                 "stored_xxh64": hex64(getattr(c, "stored_xxh64", None)),
+                                 "codec": c.codec,
                                  "elem_size": c.elem_size, "base_step": c.base_step}
                                 for c in t.chunks]} for t in m.tensors],
     }
@@ -354,8 +365,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     async def body(tiers: list[Tier]) -> int:
         found = await steps_on(tiers)
         step = pick_step(args.step, found)
-        tier = next(t for t in tiers if step in found[t.name])
-        m = await read_manifest(tier, step)
+        tier, m = await first_readable_manifest([t for t in tiers if step in found[t.name]],
+                                                step)
         if args.json:
             dump_json(manifest_json(tier, m), sys.stdout)
         else:
@@ -364,6 +375,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return run_with_tiers(args.specs, body)
+
+
+async def first_readable_manifest(holders: Sequence[Tier], step: int) -> tuple[Tier, Manifest]:
+    """The manifest of the fastest tier whose copy reads; warns about the ones skipped."""
+    errors: list[str] = []
+    for tier in holders:
+        try:
+            manifest = await read_manifest(tier, step)
+        except Exception as e:
+            errors.append(str(e))
+            continue
+        for error in errors:
+            log.warning("skipped an unreadable manifest: %s", error)
+        return tier, manifest
+    raise ManifestError(f"step {step}: no readable manifest: {'; '.join(errors)}")
 
 
 def inspect_lines(tier: Tier, m: Manifest) -> Iterator[str]:
@@ -420,18 +446,24 @@ def plan_lines(plan: dict[str, Any]) -> Iterator[str]:
 @dataclass(frozen=True)
 class Fault:
     tier: str
-    step: int
-    what: str  # "manifest", "file <key>" or "tensor <path>"
-    where: str  # chunk location, or ""
+    step: int | None  # None: the tier itself failed
+    kind: str  # tier | manifest | file | tensor
+    name: str  # the file key or tensor path ("" for tier and manifest faults)
     error: str
+    chunk: ChunkMeta | None = None
 
     def line(self) -> str:
-        at = f"  chunk {self.where}" if self.where else ""
-        return f"FAULT  {self.tier}  step {self.step}  {self.what}{at}: {self.error}"
+        step = "" if self.step is None else f"  step {self.step}"
+        what = f"  {self.kind} {self.name}".rstrip()
+        at = (f"  chunk {self.chunk.file}@{self.chunk.offset} ({self.chunk.stored_len} bytes)"
+              if self.chunk else "")
+        return f"FAULT  {self.tier}{step}{what}{at}: {self.error}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"tier": self.tier, "step": self.step, "what": self.what, "chunk": self.where,
-                "error": self.error}
+        c = self.chunk
+        return {"tier": self.tier, "step": self.step, "kind": self.kind, "name": self.name,
+                "file": c.file if c else None, "offset": c.offset if c else None,
+                "stored_len": c.stored_len if c else None, "error": self.error}
 
 
 async def verify_copy(tier: Tier, m: Manifest, bar: Any) -> list[Fault]:
@@ -442,10 +474,10 @@ async def verify_copy(tier: Tier, m: Manifest, bar: Any) -> list[Fault]:
         try:
             size = (await tier.stat(key)).size_bytes
         except Exception as e:
-            faults.append(Fault(tier.name, m.step, f"file {f.key}", "", str(e)))
+            faults.append(Fault(tier.name, m.step, "file", f.key, str(e)))
             continue
         if size != f.size:
-            faults.append(Fault(tier.name, m.step, f"file {f.key}", "",
+            faults.append(Fault(tier.name, m.step, "file", f.key,
                                 f"{size} bytes, the manifest says {f.size}"))
     tensor_slots = asyncio.Semaphore(_VERIFY_TENSORS)
     chunk_slots = asyncio.Semaphore(_VERIFY_CHUNKS)
@@ -455,9 +487,7 @@ async def verify_copy(tier: Tier, m: Manifest, bar: Any) -> list[Fault]:
             try:
                 await read_tensor(tier, m.step, replace(meta, chunks=(chunk,)), out)
             except Exception as e:
-                faults.append(Fault(tier.name, m.step, f"tensor {meta.path}",
-                                    f"{chunk.file}@{chunk.offset} ({chunk.stored_len} bytes)",
-                                    str(e)))
+                faults.append(Fault(tier.name, m.step, "tensor", meta.path, str(e), chunk))
             finally:
                 bar.update(chunk.stored_len)
 
@@ -467,8 +497,9 @@ async def verify_copy(tier: Tier, m: Manifest, bar: Any) -> list[Fault]:
             await asyncio.gather(*(check_chunk(meta, out, c) for c in meta.chunks))
 
     await asyncio.gather(*(check_tensor(t) for t in m.tensors))
-    order = {f"tensor {t.path}": i for i, t in enumerate(m.tensors)}
-    return sorted(faults, key=lambda f: (order.get(f.what, -1), f.where))
+    order = {t.path: i for i, t in enumerate(m.tensors)}
+    return sorted(faults, key=lambda f: (f.kind == "tensor", order.get(f.name, -1),
+                                         f.chunk.raw_offset if f.chunk else -1))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -479,7 +510,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             try:
                 found[tier.name] = [] if missing_dir(tier) else await committed_steps(tier)
             except Exception as e:
-                faults.append(Fault(tier.name, -1, "tier", "", f"cannot list: {e}"))
+                faults.append(Fault(tier.name, None, "tier", "", f"cannot list: {e}"))
                 found[tier.name] = []
         everywhere = sorted({s for steps in found.values() for s in steps})
         if args.all:
@@ -523,7 +554,7 @@ def report_verify(args: argparse.Namespace, steps: Sequence[int],
                    "faults": [f.to_json() for f in faults]}, sys.stdout)
         return
     for f in faults:
-        if f.step < 0 or not any(f.tier == t.name and f.step == m.step for t, m, _ in results):
+        if f.step is None or not any(f.tier == t.name and f.step == m.step for t, m, _ in results):
             print(f.line())  # a tier or manifest fault: no copy to report it under
     for tier, m, bad in results:
         if not bad and not args.quiet:
@@ -532,7 +563,7 @@ def report_verify(args: argparse.Namespace, steps: Sequence[int],
         for f in bad:
             print(f.line())
     if not args.quiet or faults:
-        copies = len(results) + sum(f.what == "manifest" for f in faults)
+        copies = len(results) + sum(f.kind == "manifest" for f in faults)
         print(f"verified {len(steps)} checkpoint(s), {copies} cop{'y' if copies == 1 else 'ies'}:"
               f" {len(faults)} fault(s)")
 
@@ -739,6 +770,15 @@ def stale_reason(directory: Path) -> tuple[bool, str, list[int]]:
     return True, f"job {', '.join(sorted(jobs))} is dead", steps
 
 
+def dir_bytes(directory: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(directory):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
 def sweep_stale_shm(dry_run: bool) -> list[str]:
     """Remove shared-memory tier directories (``asymcheck*`` under the root) of dead jobs."""
     root = shm_root()
@@ -755,7 +795,7 @@ def sweep_stale_shm(dry_run: bool) -> list[str]:
             if not remove:
                 lines.append(f"kept shm {directory} ({why})")
                 continue
-            size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+            size = dir_bytes(directory)
             if not dry_run:
                 shutil.rmtree(directory)
                 parent = directory.parent
@@ -880,6 +920,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.specs = tier_specs(args.policy or args.sub_policy, args.tiers + args.sub_tiers)
             code: int = args.func(args)
             return code
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
         except USER_ERRORS as e:
             message = " ".join(str(e).split()) or type(e).__name__
             print(f"asymcheck: error: {message}", file=sys.stderr)

@@ -65,6 +65,7 @@ class ChunkMeta:
     codec: str = "raw"
     elem_size: int = 1
     base_step: int | None = None  # delta chunks name the checkpoint they apply to
+    stored_xxh64: int | None = None  # of the stored bytes, when they differ from the decoded
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ class Manifest:
             "files": [[f.key, f.size] for f in self.files],
             "tensors": [[t.path, t.dtype, list(t.shape), t.nbytes,
                          [[c.file, c.offset, c.stored_len, c.raw_offset, c.raw_len, c.xxh64,
-                           c.codec, c.elem_size, c.base_step] for c in t.chunks]]
+                           c.codec, c.elem_size, c.base_step, c.stored_xxh64]
+                          for c in t.chunks]]
                         for t in self.tensors],
         }, use_bin_type=True)
         return msgpack.packb({"format": FORMAT, "version": VERSION, "body": body,
@@ -159,7 +161,7 @@ def _decode(data: bytes) -> Manifest:
         if math.prod(shape_t) * elem != nbytes:
             raise ManifestError(f"{path}: shape {shape_t} of {dtype} is not {nbytes} bytes")
         metas, expect = [], 0
-        for f, off, slen, roff, rlen, h, codec, esize, base in chunks:
+        for f, off, slen, roff, rlen, h, codec, esize, base, stored_h in chunks:
             if f not in sizes:
                 raise ManifestError(f"{path}: chunk refers to unknown file {f!r}")
             _int(off, f"{path}: chunk offset")
@@ -174,8 +176,14 @@ def _decode(data: bytes) -> Manifest:
                 raise ManifestError(f"{path}: bad codec {codec!r}")
             if base is not None:
                 _int(base, f"{path}: base step", hi=10**12)
+            if stored_h is not None:
+                _int(stored_h, "stored checksum", hi=2**64 - 1)
+            elif codec != "raw":
+                raise ManifestError(f"{path}: a {codec} chunk needs a stored checksum")
+            if codec == "raw" and slen != rlen:
+                raise ManifestError(f"{path}: a raw chunk stores {slen} of {rlen} bytes")
             metas.append(ChunkMeta(f, off, slen, roff, rlen, _int(h, "checksum", hi=2**64 - 1),
-                                   codec, _int(esize, "element size", 1, 16), base))
+                                   codec, _int(esize, "element size", 1, 16), base, stored_h))
         if expect != nbytes:
             raise ManifestError(f"{path}: chunks hold {expect} bytes, tensor has {nbytes}")
         tensors.append(TensorMeta(path, dtype, shape_t, nbytes, tuple(metas)))

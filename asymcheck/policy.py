@@ -28,7 +28,7 @@ _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB": 2**50}
 
 _TIER_KEYS = {"name", "url", "capacity", "keep", "every", "on_full", "batch", "options"}
-_COMPRESSION_KEYS = {"mode", "full_every", "level"}
+_COMPRESSION_KEYS = {"mode", "full_every", "level", "min_bytes"}
 _TOP_KEYS = {"tier", "compression"}
 
 
@@ -56,7 +56,8 @@ class TierPolicy:
 class CompressionPolicy:
     mode: str = "off"  # off | auto | always
     full_every: int = 10
-    level: int = 3
+    level: int = 1
+    min_bytes: int = 1 << 20  # smaller tensors are always stored raw
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,13 @@ def _parse_compression(raw: Any, fail: Any) -> CompressionPolicy:
     full_every = raw.get("full_every", 10)
     if not isinstance(full_every, int) or isinstance(full_every, bool) or full_every < 1:
         raise fail("compression.full_every", f"must be an integer >= 1, got {full_every!r}")
-    level = raw.get("level", 3)
+    level = raw.get("level", 1)
     if not isinstance(level, int) or isinstance(level, bool) or not 1 <= level <= 22:
         raise fail("compression.level", f"must be an integer in [1, 22], got {level!r}")
-    return CompressionPolicy(mode=mode, full_every=full_every, level=level)
+    min_bytes = 1 << 20
+    if "min_bytes" in raw:
+        try:
+            min_bytes = parse_size(raw["min_bytes"])
+        except ValueError as e:
+            raise fail("compression.min_bytes", str(e)) from None
+    return CompressionPolicy(mode=mode, full_every=full_every, level=level, min_bytes=min_bytes)

@@ -9,8 +9,9 @@ tiers tried and the chunk. Restore never silently returns other data.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from tiers.base import Tier
 
 from ._loop import gather_or_cancel
+from .codec import ChecksumError, EncodedChunk, decode_into
 from .manifest import (
     ChunkMeta,
     Manifest,
@@ -94,11 +96,12 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(array.data).cast("B")
 
 
+BaseReader = Callable[[int, TensorMeta], Awaitable[memoryview]]
+
+
 async def read_chunk(tier: Tier, step: int, chunk: ChunkMeta, out: memoryview) -> None:
-    """Read one chunk into ``out`` (its decoded bytes) and verify its checksum."""
+    """Read one raw chunk into ``out`` and verify its checksum."""
     key = f"{step_dir(step)}/{chunk.file}"
-    if chunk.codec != "raw":
-        raise ChunkError(f"codec {chunk.codec!r} is not supported by this build")
     if chunk.raw_len:
         await tier.readinto(key, out, chunk.offset)
     actual = await asyncio.to_thread(checksum, out)
@@ -107,15 +110,64 @@ async def read_chunk(tier: Tier, step: int, chunk: ChunkMeta, out: memoryview) -
                          f"({chunk.raw_len} bytes)")
 
 
-async def read_tensor(tier: Tier, step: int, meta: TensorMeta, out: torch.Tensor) -> None:
+async def read_tensor(tier: Tier, step: int, meta: TensorMeta, out: torch.Tensor, *,
+                      base: BaseReader | None = None,
+                      executor: concurrent.futures.Executor | None = None) -> None:
+    """Fill ``out`` with one tensor of a checkpoint on ``tier``, verified chunk by chunk.
+
+    Coded chunks are fetched with ranged reads and decoded in parallel on ``executor``;
+    delta chunks ask ``base`` for the same tensor of their base checkpoint.
+    """
     view = tensor_bytes(out)
-    for chunk in meta.chunks:
-        await read_chunk(tier, step, chunk, view[chunk.raw_offset:chunk.raw_offset + chunk.raw_len])
+    coded = [c for c in meta.chunks if c.codec != "raw"]
+    if not coded:
+        for chunk in meta.chunks:
+            await read_chunk(tier, step, chunk,
+                             view[chunk.raw_offset:chunk.raw_offset + chunk.raw_len])
+        return
+    if len(coded) != len(meta.chunks):
+        raise ChunkError(f"{meta.path}: raw and coded chunks mixed in one tensor")
+    sd = step_dir(step)
+    stored = await gather_or_cancel(tier.get(f"{sd}/{c.file}", c.offset, c.stored_len)
+                                    for c in coded)
+    chunks = [EncodedChunk(c.codec, c.raw_offset, c.raw_len, data, c.xxh64, c.elem_size,
+                           c.stored_xxh64 if c.stored_xxh64 is not None else c.xxh64)
+              for c, data in zip(coded, stored, strict=True)]
+    base_bytes = None
+    base_steps = {c.base_step for c in coded if c.base_step is not None}
+    if base_steps:
+        if len(base_steps) != 1 or base is None:
+            raise ChunkError(f"{meta.path}: delta chunks need one base checkpoint, "
+                             f"got {sorted(base_steps)}")
+        base_bytes = await base(base_steps.pop(), meta)
+    try:
+        await asyncio.to_thread(decode_into, chunks, view, base=base_bytes, executor=executor)
+    except ChecksumError as e:
+        raise ChunkError(f"{tier.name}:{sd}/{coded[0].file}: {meta.path}: {e}") from None
 
 
 def _same_tensors(a: Manifest, b: Manifest) -> bool:
     return a.objects == b.objects and [(t.path, t.dtype, t.shape) for t in a.tensors] == [
         (t.path, t.dtype, t.shape) for t in b.tensors]
+
+
+async def _read_base_tensor(holders: Sequence[Tier], step: int, meta: TensorMeta,
+                            pool: concurrent.futures.Executor) -> memoryview:
+    """The bytes of ``meta``'s tensor in the full checkpoint ``step``, from any tier."""
+    problems = []
+    for tier in holders:
+        try:
+            base_man = await read_manifest(tier, step)
+            match = [t for t in base_man.tensors if t.path == meta.path]
+            if not match or (match[0].dtype, match[0].shape) != (meta.dtype, meta.shape):
+                raise ChunkError(f"base step {step} has no tensor {meta.path!r} of that shape")
+            out = empty_tensor(match[0])
+            await read_tensor(tier, step, match[0], out, executor=pool)
+            return tensor_bytes(out)
+        except Exception as e:
+            problems.append(f"{tier.name} ({e})")
+    raise ChunkError(f"delta base step {step} of {meta.path!r} has no good copy "
+                     f"(tried {', '.join(problems) or 'no tier holds it'})")
 
 
 async def load_checkpoint(tiers: Sequence[Tier], step: int | None = None, *,
@@ -151,13 +203,23 @@ async def load_checkpoint(tiers: Sequence[Tier], step: int | None = None, *,
     tensors = [empty_tensor(m) for m in reference.tensors]
     sources: dict[str, int] = {}
     sem = asyncio.Semaphore(max_parallel)
+    pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="asymcheck-decode")
+    bases: dict[tuple[int, str], asyncio.Future[memoryview]] = {}
+
+    async def read_base(base_step: int, meta: TensorMeta) -> memoryview:
+        key = (base_step, meta.path)
+        if key not in bases:
+            bases[key] = asyncio.ensure_future(
+                _read_base_tensor(found.get(base_step, []), base_step, meta, pool))
+        return await bases[key]
 
     async def fetch(i: int) -> None:
         tried = []
         async with sem:
             for tier, man in copies:
                 try:
-                    await read_tensor(tier, step, man.tensors[i], tensors[i])
+                    await read_tensor(tier, step, man.tensors[i], tensors[i], base=read_base,
+                                      executor=pool)
                 except Exception as e:
                     tried.append(f"{tier.name} ({e})")
                     log.warning("step %d: %s unreadable on %s, trying the next tier: %s",
@@ -168,6 +230,9 @@ async def load_checkpoint(tiers: Sequence[Tier], step: int | None = None, *,
         raise RestoreError(f"step {step}: no good copy of tensor {reference.tensors[i].path!r}; "
                            f"tried {', '.join(tried)}")
 
-    await gather_or_cancel(fetch(i) for i in range(len(tensors)))
+    try:
+        await gather_or_cancel(fetch(i) for i in range(len(tensors)))
+    finally:
+        pool.shutdown(wait=True)
     state = unflatten(unpack_skeleton(reference.objects), tensors)
     return LoadedCheckpoint(step=step, state=state, manifest=reference, sources=sources)

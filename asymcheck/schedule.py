@@ -1,35 +1,61 @@
 """Flush committed host checkpoints to the downstream tiers through async queues.
 
 One bounded queue and one worker per tier, so a slow or failing tier never
-holds back another. A tier commits a checkpoint by writing its manifest after
-all of its data; files of an earlier save of the same step are then removed.
+holds back another. For each checkpoint and tier the worker
+
+1. decides per tensor whether to store it raw, byte-shuffled + zstd, or as a
+   delta against the tier's last full checkpoint (``costmodel``: only where
+   compressing shortens the time to durable, or always / never per policy);
+2. coalesces the stored chunks into batch files of the cost model's size B*
+   (encoding the next batch while the previous one is written);
+3. commits by writing the manifest after all of its data, then removes files
+   of an earlier save of the same step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from tiers.base import KeyNotFound, Tier
 from tiers.host import HostTier
 
+from .codec import encode, estimate_ratio
+from .costmodel import CostModel
 from .handle import SaveHandle
-from .manifest import Manifest, manifest_key, step_dir
-from .policy import Policy
+from .manifest import ChunkMeta, FileMeta, Manifest, TensorMeta, manifest_key, step_dir
+from .policy import Policy, TierPolicy
+from .state import dtype_from_name
 
 log = logging.getLogger(__name__)
 
 DoneCallback = Callable[["FlushJob", str, "BaseException | None"], Awaitable[None]]
+DELTA_CODEC = "delta_sub"  # integer delta + zigzag + byte-shuffle + zstd (lossless)
+FULL_CODEC = "shuffle"  # byte-shuffle + zstd
+
+
+class TierSkipped(RuntimeError):
+    """The checkpoint was not persisted to a tier whose queue was full (``on_full = skip``)."""
 
 
 @dataclass(frozen=True)
 class FlushJob:
-    manifest: Manifest
-    data_name: str
+    manifest: Manifest  # the host copy's manifest: raw tensors in host data files
     handle: SaveHandle
+
+
+@dataclass
+class _TierState:
+    policy: TierPolicy
+    base: Manifest | None = None  # the last full checkpoint written here (kept in host memory)
+    since_full: int = 0
+    ratios: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 async def delete_checkpoint(tier: Tier, step: int) -> None:
@@ -39,20 +65,100 @@ async def delete_checkpoint(tier: Tier, step: int) -> None:
     await tier.delete_prefix(step_dir(step) + "/")
 
 
+def tensor_span(meta: TensorMeta) -> tuple[str, int]:
+    """(file, offset) of a tensor stored raw and contiguous (the host layout)."""
+    first = meta.chunks[0]
+    return first.file, first.offset
+
+
+class _BatchWriter:
+    """Packs stored chunks into files of about ``target_bytes``, one write in flight."""
+
+    def __init__(self, tier: Tier, directory: str, prefix: str, target_bytes: int | None,
+                 on_write: Callable[[int, float], None]) -> None:
+        self._tier, self._dir, self._prefix = tier, directory, prefix
+        self._target = target_bytes
+        self._on_write = on_write
+        self._parts: list[Any] = []
+        self._size = 0
+        self._index = 0
+        self._inflight: asyncio.Task[None] | None = None
+        self.files: list[FileMeta] = []
+
+    @property
+    def _name(self) -> str:
+        return f"{self._prefix}-{self._index:05d}.bin"
+
+    async def add(self, data: Any) -> tuple[str, int]:
+        where = (self._name, self._size)
+        self._parts.append(data)
+        self._size += memoryview(data).nbytes
+        if self._target is not None and self._size >= self._target:
+            await self._emit()
+        return where
+
+    async def end_tensor(self) -> None:
+        if self._target is None and self._parts:  # unbatched: a file per tensor
+            await self._emit()
+
+    async def _emit(self) -> None:
+        if self._inflight is not None:
+            await self._inflight
+        name, parts, size = self._name, self._parts, self._size
+        self.files.append(FileMeta(name, size))
+        self._parts, self._size, self._index = [], 0, self._index + 1
+        self._inflight = asyncio.ensure_future(self._write(name, parts, size))
+
+    async def _write(self, name: str, parts: list[Any], size: int) -> None:
+        t0 = time.perf_counter()
+        await self._tier.put(f"{self._dir}/{name}", parts)
+        self._on_write(size, time.perf_counter() - t0)
+
+    async def finish(self) -> list[FileMeta]:
+        if self._parts or not self.files:
+            await self._emit()
+        if self._inflight is not None:
+            await self._inflight
+        return self.files
+
+    async def cancel(self) -> None:
+        if self._inflight is not None and not self._inflight.done():
+            self._inflight.cancel()
+            await asyncio.gather(self._inflight, return_exceptions=True)
+
+
 class FlushScheduler:
     def __init__(self, tiers: Mapping[str, Tier], policy: Policy, on_done: DoneCallback,
-                 queue_depth: int = 4) -> None:
+                 pin: Callable[[int], None], unpin: Callable[[int], Awaitable[None]],
+                 cost: CostModel | None = None, queue_depth: int = 2) -> None:
         self._tiers = tiers
+        self._policy = policy
         self._host = tiers[policy.staging.name]
         self._on_done = on_done
+        self._pin, self._unpin = pin, unpin
+        self.cost = cost or CostModel(min_compress_bytes=policy.compression.min_bytes)
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="asymcheck-zstd")
+        self._state = {tp.name: _TierState(tp) for tp in policy.tiers[1:]}
+        for tp in policy.tiers[1:]:
+            self.cost.tier(tp.name, tp.scheme)
         self._queues: dict[str, asyncio.Queue[FlushJob | None]] = {
             tp.name: asyncio.Queue(queue_depth) for tp in policy.tiers[1:]}
         self._busy: dict[str, bool] = dict.fromkeys(self._queues, False)
+        self._room = {name: asyncio.Event() for name in self._queues}  # set when a job is taken
         self._workers = [asyncio.ensure_future(self._work(name)) for name in self._queues]
 
     @property
     def pending(self) -> int:
         return sum(q.qsize() for q in self._queues.values()) + sum(self._busy.values())
+
+    def full(self, tier: str) -> bool:
+        return self._queues[tier].full()
+
+    async def wait_room(self, tier: str) -> None:
+        """Return once ``tier``'s queue has room."""
+        while self._queues[tier].full():
+            self._room[tier].clear()
+            await self._room[tier].wait()
 
     async def submit(self, tier: str, job: FlushJob) -> None:
         """Queue ``job`` for ``tier``; waits while that tier's queue is full (backpressure)."""
@@ -66,18 +172,24 @@ class FlushScheduler:
         for q in self._queues.values():
             await q.put(None)
         await asyncio.gather(*self._workers)
+        for st in self._state.values():
+            if st.base is not None:
+                await self._unpin(st.base.step)
+                st.base = None
+        self._pool.shutdown(wait=True)
 
     async def _work(self, name: str) -> None:
         tier, queue = self._tiers[name], self._queues[name]
         while True:
             job = await queue.get()
+            self._room[name].set()
             if job is None:
                 queue.task_done()
                 return
             self._busy[name] = True
             error: BaseException | None = None
             try:
-                await self._flush(tier, job)
+                await self._flush(tier, self._state[name], job)
             except Exception as e:
                 error = e
             try:
@@ -89,17 +201,140 @@ class FlushScheduler:
                 self._busy[name] = False
                 queue.task_done()
 
-    async def _flush(self, tier: Tier, job: FlushJob) -> None:
-        step = job.manifest.step
-        sd = step_dir(step)
+    # ------------------------------------------------------------------ flush
+    def _base_for(self, st: _TierState, manifest: Manifest) -> Manifest | None:
+        comp = self._policy.compression
+        base = st.base
+        if comp.mode == "off" or base is None or st.since_full + 1 >= comp.full_every:
+            return None
+        same = [(t.path, t.dtype, t.shape) for t in base.tensors] == [
+            (t.path, t.dtype, t.shape) for t in manifest.tensors]
+        return base if same else None
+
+    async def _choose(self, tier: str, st: _TierState, meta: TensorMeta, raw: memoryview,
+                      base_raw: memoryview | None) -> tuple[str, float | None]:
+        """The codec of one tensor on one tier, and the ratio it was expected to reach."""
+        mode = self._policy.compression.mode
+        if mode == "off" or meta.nbytes < self.cost.min_compress_bytes:
+            return "raw", None
+        codec = DELTA_CODEC if base_raw is not None else FULL_CODEC
+        est = st.ratios.get((meta.path, codec))
+        if est is None:  # first sight of this tensor: a sample, ~1 ms
+            est = await asyncio.to_thread(
+                estimate_ratio, raw, codec=codec, elem_size=_elem_size(meta), base=base_raw,
+                sample_bytes=256 << 10, level=self._policy.compression.level)
+        if mode == "always" or self.cost.compression_pays(tier, codec, meta.nbytes, est):
+            return codec, est
+        return "raw", est
+
+    def _target_bytes(self, st: _TierState, manifest: Manifest) -> int | None:
+        batch = st.policy.batch_bytes
+        if batch == "off":
+            return None
+        if isinstance(batch, int):
+            return batch
+        host = self._host
+        budget = host.capacity_bytes if isinstance(host, HostTier) else None
+        return self.cost.batch_bytes(st.policy.name, manifest.nbytes, budget)
+
+    async def _flush(self, tier: Tier, st: _TierState, job: FlushJob) -> None:
         host = self._host
         assert isinstance(host, HostTier)
-        data_key = f"{sd}/{job.data_name}"
-        with await host.view(data_key) as view:
-            await tier.put(data_key, view)
-        await tier.put(manifest_key(step), job.manifest.to_bytes())
-        wanted = {f"{sd}/{f.key}" for f in job.manifest.files} | {manifest_key(step)}
+        man = job.manifest
+        sd = step_dir(man.step)
+        base = self._base_for(st, man)
+        views = {f.key: await host.view(f"{sd}/{f.key}") for f in man.files}
+        base_views = ({f.key: await host.view(f"{step_dir(base.step)}/{f.key}")
+                       for f in base.files} if base is not None else {})
+        fit = self.cost.tier(tier.name)
+        target = self._target_bytes(st, man)
+        writer = _BatchWriter(tier, sd, f"data-{man.info.get('save_id', 'x')}", target, fit.add)
+        tensors, decisions = [], []
+        raw_total = stored_total = 0
+        try:
+            for i, meta in enumerate(man.tensors):
+                file, off = tensor_span(meta)
+                raw = views[file][off:off + meta.nbytes]
+                base_raw = None
+                if base is not None:
+                    bfile, boff = tensor_span(base.tensors[i])
+                    base_raw = base_views[bfile][boff:boff + meta.nbytes]
+                codec, est = await self._choose(tier.name, st, meta, raw, base_raw)
+                chunks = await self._store(writer, st, meta, raw, views, codec, base,
+                                           base_raw)
+                await writer.end_tensor()
+                stored = sum(c.stored_len for c in chunks)
+                raw_total += meta.nbytes
+                stored_total += stored
+                if est is not None:
+                    decisions.append([meta.path, codec, round(est, 4),
+                                      round(meta.nbytes / max(stored, 1), 4)])
+                tensors.append(replace(meta, chunks=tuple(chunks)))
+            files = await writer.finish()
+        except BaseException:
+            await writer.cancel()
+            raise
+        finally:
+            for v in (*views.values(), *base_views.values()):
+                v.release()
+        compression = {"mode": self._policy.compression.mode, "full": base is None,
+                       "base_steps": [base.step] if base is not None else [],
+                       "raw_bytes": raw_total, "stored_bytes": stored_total,
+                       "decisions": decisions}
+        committed = man.with_layout(tuple(tensors), tuple(files), compression=compression,
+                                    batch_bytes=target, tier=tier.name)
+        data = committed.to_bytes()
+        t0 = time.perf_counter()
+        await tier.put(manifest_key(man.step), data)
+        fit.add(len(data), time.perf_counter() - t0)
+        wanted = {f"{sd}/{f.key}" for f in files} | {manifest_key(man.step)}
         for key in await tier.list(sd + "/"):
             if key not in wanted:
                 await tier.delete(key)
-        log.debug("step %d durable on %s", step, tier.name)
+        job.handle.metrics[f"{tier.name}.stored_bytes"] = stored_total
+        job.handle.metrics[f"{tier.name}.batch_bytes"] = target
+        job.handle.metrics[f"{tier.name}.fit"] = fit.to_dict()
+        await self._advance_base(st, man, full=base is None)
+        log.debug("step %d durable on %s (%d -> %d bytes)", man.step, tier.name, raw_total,
+                  stored_total)
+
+    async def _store(self, writer: _BatchWriter, st: _TierState, meta: TensorMeta,
+                     raw: memoryview, views: Mapping[str, memoryview], codec: str,
+                     base: Manifest | None, base_raw: memoryview | None) -> list[ChunkMeta]:
+        if codec == "raw":  # the host chunks as they are, checksums included
+            out = []
+            for c in meta.chunks:
+                file, off = await writer.add(views[c.file][c.offset:c.offset + c.stored_len])
+                out.append(replace(c, file=file, offset=off))
+            return out
+        level = self._policy.compression.level
+        t0 = time.perf_counter()
+        part = await asyncio.to_thread(encode, raw, codec=codec, elem_size=_elem_size(meta),
+                                       base=base_raw if codec == DELTA_CODEC else None,
+                                       level=level, executor=self._pool)
+        self.cost.codec(codec).add(meta.nbytes, time.perf_counter() - t0)
+        st.ratios[(meta.path, codec)] = part.ratio
+        out = []
+        for ec in part.chunks:
+            file, off = await writer.add(ec.stored)
+            out.append(ChunkMeta(file=file, offset=off, stored_len=ec.stored_len,
+                                 raw_offset=ec.raw_offset, raw_len=ec.raw_len, xxh64=ec.xxh64,
+                                 codec=codec, elem_size=ec.elem_size,
+                                 base_step=base.step if codec == DELTA_CODEC and base else None,
+                                 stored_xxh64=ec.stored_xxh64))
+        return out
+
+    async def _advance_base(self, st: _TierState, man: Manifest, *, full: bool) -> None:
+        if self._policy.compression.mode == "off":
+            return
+        if not full:
+            st.since_full += 1
+            return
+        self._pin(man.step)  # deltas of the next checkpoints read this copy from host memory
+        old, st.base, st.since_full = st.base, man, 0
+        if old is not None:
+            await self._unpin(old.step)
+
+
+def _elem_size(meta: TensorMeta) -> int:
+    return dtype_from_name(meta.dtype).itemsize

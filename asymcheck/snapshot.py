@@ -72,6 +72,43 @@ class Layout:
         return tuple(metas)
 
 
+    def pieces(self, piece_bytes: int) -> list[list[tuple[int, int, int]]]:
+        """The state cut into pieces of at most ``piece_bytes`` (a tensor may span pieces, and
+        every piece boundary inside a tensor is a chunk boundary): per piece, a list of
+        (slot index, byte offset in the tensor, length)."""
+        out: list[list[tuple[int, int, int]]] = [[]]
+        room = piece_bytes
+        for i, slot in enumerate(self.slots):
+            start = 0
+            while True:
+                n = min(slot.nbytes - start, room, self.chunk_bytes)
+                if n or slot.nbytes == 0:
+                    out[-1].append((i, start, n))
+                    room -= n
+                start += n
+                if start >= slot.nbytes:
+                    break
+                if room == 0:
+                    out.append([])
+                    room = piece_bytes
+            if room == 0:
+                out.append([])
+                room = piece_bytes
+        return [p for p in out if p]
+
+    @staticmethod
+    def piece_chunks(view: memoryview, file: str, segments: list[tuple[int, int, int]]
+                     ) -> list[tuple[int, ChunkMeta]]:
+        """Chunk metadata (with checksums) of one piece laid out back to back in ``view``."""
+        out, pos = [], 0
+        for slot_index, start, n in segments:
+            out.append((slot_index, ChunkMeta(file=file, offset=pos, stored_len=n,
+                                              raw_offset=start, raw_len=n,
+                                              xxh64=checksum(view[pos:pos + n]))))
+            pos += n
+        return out
+
+
 def block_tensor(view: memoryview) -> torch.Tensor:
     """A uint8 tensor over a writable block (no copy)."""
     if view.nbytes == 0:

@@ -71,8 +71,13 @@ ensure_jars() {
   command -v mvn >/dev/null || die "no jars in $LIB and no mvn on PATH to fetch them"
   say "fetching jars with maven into $LIB (first start only) ..."
   local t0=$SECONDS
-  mvn -q -B -Dstyle.color=never -f "$POM" dependency:copy-dependencies >&2 \
-    || { rm -rf "$LIB"; die "maven could not fetch the MiniDFS jars (see above)"; }
+  mkdir -p "$STATE"
+  if ! mvn -q -B -Dstyle.color=never -f "$POM" dependency:copy-dependencies \
+      >"$STATE/maven.log" 2>&1; then
+    rm -rf "$LIB"
+    tail -n 40 "$STATE/maven.log" >&2
+    die "maven could not fetch the MiniDFS jars (full output: $STATE/maven.log)"
+  fi
   compgen -G "$LIB/*.jar" >/dev/null || die "maven ran but $LIB has no jars"
   say "jars fetched in $((SECONDS - t0)) s"
 }

@@ -18,11 +18,14 @@ URL and the key, in bounded time:
 * the client's own NameNode retry loop is off by default
   (``dfs.client.failover.max.attempts=0``): in hdfs-native 0.14 the async client's retry path
   panics (``pyo3_runtime.PanicException``, a ``BaseException``) when a NameNode is unreachable;
-  with no retries it raises ``ConnectionRefusedError`` at once. Dropping a client that panicked
-  and creating a new one can then deadlock the process, so a tier keeps its client until
-  ``close()``;
+  with no retries it raises ``ConnectionRefusedError`` at once;
 * a ``PanicException`` is recognised by its type name and module and wrapped; it never hides
   ``KeyboardInterrupt``, ``SystemExit`` or ``asyncio.CancelledError``.
+
+Clients are shared per (URL authority, config) and live as long as the process: dropping an
+``AsyncClient`` shuts its private tokio runtime down while holding the GIL, and if one of its
+tasks is still about to wake a Python coroutine (after a panic or a cancelled call) the two
+threads deadlock (seen with hdfs-native 0.14.7). ``close()`` therefore releases only the tier.
 
 Options (keyword arguments, e.g. from the tier policy file): ``timeout_s`` (default 60),
 ``config`` (``dict[str, str]`` of Hadoop client settings, merged over the defaults below),
@@ -34,14 +37,15 @@ from __future__ import annotations
 import asyncio
 import os
 import posixpath
-import re
 import secrets
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Mapping
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
+from tiers._fsutil import TMP_RE, check_file_key, clamp_range
 from tiers.base import (
     CapacityError,
     KeyNotFound,
@@ -75,7 +79,20 @@ DEFAULT_CONFIG: dict[str, str] = {
     "dfs.client.failover.sleep.max.millis": "1000",
 }
 
-_TMP_RE = re.compile(r"\.tmp-\d+-[0-9a-f]{16}$")
+_CLIENTS: dict[tuple[str, tuple[tuple[str, str], ...]], AsyncClient] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _shared_client(fs_url: str, config: Mapping[str, str]) -> AsyncClient:
+    """One client per (authority, config) for the whole process; never dropped (see above)."""
+    key = (fs_url, tuple(sorted(config.items())))
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            client = _CLIENTS[key] = AsyncClient(fs_url, dict(config))
+        return client
+
+
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError)
 
 
@@ -105,6 +122,11 @@ else:  # pragma: no cover - Python 3.10
             raise
         finally:
             handle.cancel()
+
+
+def _is_tmp(path: str) -> bool:
+    """Whether the last component of ``path`` is an uncommitted ``<name>.tmp-<pid>-<hex>``."""
+    return TMP_RE.search(path.rsplit("/", 1)[-1]) is not None
 
 
 def _is_panic(exc: BaseException) -> bool:
@@ -171,7 +193,7 @@ class HdfsTier(Tier):
             raise TierError(f"{self.name}: {op} {key!r} on {self.url}: the tier is closed")
         if self._client is None:
             try:
-                self._client = AsyncClient(self._fs_url, self.config)
+                self._client = _shared_client(self._fs_url, self.config)
             except BaseException as exc:
                 self._fail(op, key, exc)
         return self._client
@@ -192,8 +214,6 @@ class HdfsTier(Tier):
         if isinstance(exc, Exception):
             raise TierError(f"{where}: {_first_line(exc)}") from exc
         if _is_panic(exc):
-            # Keep using the same client: dropping a client that panicked and creating another
-            # while the loop runs can deadlock the process (seen with hdfs-native 0.14.7).
             raise TierError(f"{where}: HDFS client panicked: {_first_line(exc)}") from exc
         raise exc
 
@@ -271,9 +291,7 @@ class HdfsTier(Tier):
     # ------------------------------------------------------------ tier API
 
     async def put(self, key: str, data: Payload) -> None:
-        validate_key(key)
-        if _TMP_RE.search(key):
-            raise ValueError(f"{self.name}: key {key!r} looks like a temporary file name")
+        check_file_key(key)
         parts = payload_parts(data)
         size = payload_size(parts)
         if self.capacity_bytes is not None and size > self.capacity_bytes:
@@ -299,14 +317,12 @@ class HdfsTier(Tier):
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         validate_key(key)
         if offset < 0 or (length is not None and length < 0):
-            raise ValueError(f"{self.name}: get {key!r}: negative offset {offset} "
-                             f"or length {length}")
+            raise ValueError(f"{self.name}: negative offset or length reading {key!r}")
         client = self._get_client("get", key)
         reader = await self._call("get", key, client.read(self._path(key)),
                                   missing_is_not_found=True)
-        size = len(reader)
-        start = min(offset, size)
-        end = size if length is None else min(size, start + length)
+        # Past the end: the bytes that exist; offset > size: ValueError (as the other tiers).
+        start, end = clamp_range(self.name, key, len(reader), offset, length)
         chunks: list[bytes] = []
         # Never ask for bytes past the end: hdfs-native panics on such a read.
         for pos in range(start, end, self.chunk_bytes):
@@ -325,9 +341,9 @@ class HdfsTier(Tier):
         client = self._get_client("get", key)
         reader = await self._call("get", key, client.read(self._path(key)),
                                   missing_is_not_found=True)
-        size = len(reader)
         want = out.nbytes
-        have = max(0, min(want, size - offset))
+        start, end = clamp_range(self.name, key, len(reader), offset, want)
+        have = end - start
         if have != want:
             raise TierError(f"{self.name}: short read of {key!r} on {self.url}: "
                             f"{have} of {want} bytes at offset {offset}")
@@ -354,7 +370,7 @@ class HdfsTier(Tier):
             if st.isdir:
                 continue
             key = self._key_of(st.path)
-            if key is None or _TMP_RE.search(key) or not key.startswith(prefix):
+            if key is None or _is_tmp(key) or not key.startswith(prefix):
                 continue
             keys.append(key)
         keys.sort()
@@ -370,7 +386,7 @@ class HdfsTier(Tier):
         cutoff_ms = (time.time() - older_than_s) * 1000.0
         stale = []
         for st in await self._walk("remove_stale_tmp", "", self._base or "/"):
-            if not st.isdir and _TMP_RE.search(st.path) and st.modification_time < cutoff_ms:
+            if not st.isdir and _is_tmp(st.path) and st.modification_time < cutoff_ms:
                 stale.append(st.path)
         client = self._get_client("remove_stale_tmp", "")
         for path in stale:

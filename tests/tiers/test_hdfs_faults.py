@@ -7,20 +7,20 @@ The unreachable-NameNode tests need no cluster. The others need the MiniDFS clus
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from tier_cases import hdfs_base_url
 
 pytest.importorskip("hdfs_native")
 
 from hdfs_native import AsyncClient
 
 from tiers.base import KeyNotFound, TierError
-from tiers.hdfs import HdfsTier
+from tiers.hdfs import HdfsTier, _shared_client
 
 TIMEOUT_S = 5.0
 MARGIN_S = 3.0
@@ -78,12 +78,7 @@ async def test_tier_recovers_after_panic() -> None:
 
 @pytest.fixture
 def hdfs_root() -> str:
-    root = os.environ.get("ASYMCHECK_TEST_HDFS")
-    if not root:
-        if os.environ.get("CI") == "true":
-            pytest.fail("ASYMCHECK_TEST_HDFS is not set in CI; start scripts/minidfs.sh first")
-        pytest.skip("ASYMCHECK_TEST_HDFS not set (export \"$(scripts/minidfs.sh start)\")")
-    return root.rstrip("/")
+    return hdfs_base_url()  # skips, or fails when CI=true, without ASYMCHECK_TEST_HDFS
 
 
 @pytest.fixture
@@ -98,7 +93,7 @@ async def tier(hdfs_root: str) -> AsyncIterator[HdfsTier]:
 
 async def _raw_files(tier: HdfsTier) -> list[str]:
     """Every file under the tier's base directory, temporary ones included."""
-    client = AsyncClient(tier._fs_url, tier.config)
+    client = _shared_client(tier._fs_url, tier.config)
     base = tier._base
     try:
         return sorted([st.path[len(base) + 1:] async for st in client.list_status(base, True)
@@ -153,7 +148,7 @@ async def test_failed_put_leaves_nothing_visible(tier: HdfsTier,
 @pytest.mark.hdfs
 async def test_tmp_names_are_not_keys(tier: HdfsTier) -> None:
     await tier.put("a/b", b"1")
-    client = AsyncClient(tier._fs_url, tier.config)
+    client = _shared_client(tier._fs_url, tier.config)
     w = await client.create(tier._base + "/a/b.tmp-123-0123456789abcdef")
     await w.write(b"partial")
     await w.close()

@@ -1,0 +1,186 @@
+"""Selective compression in the flush: delta chains, bases kept by retention, verified restore."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import asymcheck
+from asymcheck.costmodel import CostModel, LinearFit
+from asymcheck.manifest import Manifest
+from asymcheck.restore import load_checkpoint
+from tests._util import assert_same
+from tiers.registry import open_tier
+
+
+def _policy(tmp_path: Path, mode: str, *, full_every: int = 3, keep: int = 4,
+            second_disk: bool = False) -> Path:
+    extra = textwrap.dedent(f"""
+        [[tier]]
+        name = "mirror"
+        url = "file:mirror"
+        keep = {keep}
+    """) if second_disk else ""
+    path = tmp_path / "tiers.toml"
+    path.write_text(textwrap.dedent(f"""
+        [[tier]]
+        name = "host"
+        url = "shm://compression"
+        keep = 1
+        [[tier]]
+        name = "disk"
+        url = "file:disk"
+        keep = {keep}
+    """) + extra + textwrap.dedent(f"""
+        [compression]
+        mode = "{mode}"
+        full_every = {full_every}
+        min_bytes = 1
+    """))
+    return path
+
+
+def _model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(),
+                                torch.nn.Linear(128, 64).to(torch.bfloat16))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(step))
+    model[2](model[1](model[0](x)).to(torch.bfloat16)).float().square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _run(policy: Path, saves: int) -> dict[int, dict[str, Any]]:
+    model, opt = _model()
+    expected = {}
+    with asymcheck.Checkpointer(model, opt, policy=policy, mode="naive") as ckpt:
+        for step in range(saves):
+            _train(model, opt, step)
+            expected[step] = copy.deepcopy({"model": model.state_dict(),
+                                            "opt": opt.state_dict()})
+            ckpt.save_sync(step).wait_all_sync(60)
+    return expected
+
+
+def _manifests(disk: Path) -> dict[int, Manifest]:
+    out = {}
+    for path in sorted(disk.glob("step-*/manifest.msgpack")):
+        man = Manifest.from_bytes(path.read_bytes())
+        out[man.step] = man
+    return out
+
+
+def _load_from(url: str, step: int) -> Any:
+    async def go() -> Any:
+        tier = open_tier(url, name="disk")
+        try:
+            return await load_checkpoint([tier], step)
+        finally:
+            await tier.close()
+    return asyncio.run(go())
+
+
+def test_delta_chains_keep_their_bases_and_restore_exactly(tmp_path: Path) -> None:
+    expected = _run(_policy(tmp_path, "always", full_every=3, keep=4), saves=20)
+    mans = _manifests(tmp_path / "disk")
+    newest = sorted(mans)[-4:]
+    assert newest == [16, 17, 18, 19]
+    bases = {b for s in newest for b in mans[s].info["compression"]["base_steps"]}
+    assert bases, "the newest checkpoints include deltas"
+    assert bases <= set(mans), "a base that a kept delta needs was deleted"
+    assert set(mans) == set(newest) | bases  # nothing else is kept
+    fulls = [s for s, m in mans.items() if m.info["compression"]["full"]]
+    assert all(s % 3 == 0 for s in fulls)  # a full checkpoint every full_every saves
+    for step, man in mans.items():
+        codecs = {c.codec for t in man.tensors for c in t.chunks}
+        assert codecs == ({"shuffle"} if man.info["compression"]["full"] else {"delta_sub"})
+        loaded = _load_from(f"file://{tmp_path / 'disk'}", step)
+        assert_same(expected[step]["model"], loaded.state["model"], f"step {step}")
+        assert_same(expected[step]["opt"], loaded.state["optimizers"][0], f"step {step}")
+
+
+def test_manifest_records_decisions_and_ratios(tmp_path: Path) -> None:
+    _run(_policy(tmp_path, "always"), saves=2)
+    man = _manifests(tmp_path / "disk")[1]
+    comp = man.info["compression"]
+    assert comp["mode"] == "always" and comp["base_steps"] == [0]
+    assert comp["raw_bytes"] == man.nbytes and comp["stored_bytes"] == man.stored_bytes
+    for path, codec, est, real in comp["decisions"]:
+        assert codec == "delta_sub" and est > 0 and real > 0
+        assert any(t.path == path for t in man.tensors)
+
+
+def _corrupt_first_chunk(disk: Path, step: int) -> None:
+    man = _manifests(disk)[step]
+    chunk = max((t for t in man.tensors), key=lambda t: t.nbytes).chunks[0]
+    path = disk / f"step-{step:012d}" / chunk.file
+    data = bytearray(path.read_bytes())
+    data[chunk.offset + chunk.stored_len // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_base_never_yields_wrong_tensors(tmp_path: Path) -> None:
+    expected = _run(_policy(tmp_path, "always", full_every=10, second_disk=True), saves=3)
+    for disk in ("disk", "mirror"):
+        assert _manifests(tmp_path / disk)[2].info["compression"]["base_steps"] == [0]
+    _corrupt_first_chunk(tmp_path / "disk", 0)
+    with pytest.raises(asymcheck.RestoreError, match="base step 0"):
+        _load_from(f"file://{tmp_path / 'disk'}", 2)
+    # with every tier in play (host wiped), the mirror's copy of the base is used
+    model, opt = _model()
+    pol = asymcheck.load_policy(_policy(tmp_path, "always", full_every=10, second_disk=True))
+    shm = open_tier(pol.staging.url)
+    asyncio.run(shm.delete_prefix(""))
+    with asymcheck.Checkpointer(model, opt, policy=pol) as ckpt:
+        assert ckpt.restore_sync() == 2
+    assert_same(expected[2]["model"], model.state_dict())
+
+
+def test_off_mode_stores_everything_raw(tmp_path: Path) -> None:
+    _run(_policy(tmp_path, "off"), saves=2)
+    for man in _manifests(tmp_path / "disk").values():
+        assert {c.codec for t in man.tensors for c in t.chunks} == {"raw"}
+        assert man.info["compression"]["decisions"] == []
+
+
+def test_cost_model_compresses_only_where_it_pays() -> None:
+    cost = CostModel(min_compress_bytes=1 << 20)
+    cost.codec("shuffle").add(64 << 20, 0.1)  # ~670 MB/s of compression
+    fast = cost.tier("nvme")
+    slow = cost.tier("throttled")
+    for n in (8 << 20, 64 << 20):
+        fast.add(n, n / 3e9)   # 3 GB/s
+        slow.add(n, n / 50e6)  # 50 MB/s
+    assert not cost.compression_pays("nvme", "shuffle", 64 << 20, ratio=1.3)
+    assert cost.compression_pays("throttled", "shuffle", 64 << 20, ratio=1.3)
+    assert not cost.compression_pays("throttled", "shuffle", 1 << 10, ratio=5.0)  # too small
+    assert not cost.compression_pays("throttled", "shuffle", 64 << 20, ratio=1.0)
+
+
+def test_linear_fit_recovers_latency_and_throughput() -> None:
+    fit = LinearFit(latency_s=0.5, throughput_bps=1.0)
+    for n in (1 << 10, 1 << 20, 16 << 20, 64 << 20):
+        fit.add(n, 0.004 + n / 400e6)
+    assert fit.latency_s == pytest.approx(0.004, rel=1e-6)
+    assert fit.throughput_bps == pytest.approx(400e6, rel=1e-6)
+
+
+def test_batch_size_follows_the_fit() -> None:
+    cost = CostModel(min_batch_bytes=1 << 20, max_batch_bytes=1 << 30)
+    fit = cost.tier("disk")
+    fit.latency_s, fit.throughput_bps = 0.004, 400e6
+    b = cost.batch_bytes("disk", 1 << 30)
+    assert b == int((2**30 * 0.004 * 400e6) ** 0.5)
+    fit.latency_s = 0.04  # a slower-to-open tier wants bigger batches
+    assert cost.batch_bytes("disk", 1 << 30) > b
+    assert cost.batch_bytes("disk", 1 << 30, budget_bytes=64 << 20) <= 16 << 20

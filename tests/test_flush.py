@@ -1,0 +1,208 @@
+"""Batched flushing: per-tier queues, B* from the cost model, backpressure, tier failures."""
+
+from __future__ import annotations
+
+import copy
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import asymcheck
+from asymcheck.manifest import Manifest
+from asymcheck.schedule import TierSkipped
+from tests import fault_tiers
+from tests._util import assert_same
+
+
+@pytest.fixture(autouse=True)
+def _fault_schemes() -> Iterator[None]:
+    fault_tiers.register()
+    yield
+    fault_tiers.unregister()
+
+
+def _write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "tiers.toml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def _many_tensors(n: int = 64, width: int = 256) -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(n // 2)])
+
+
+def _manifests(directory: Path) -> dict[int, Manifest]:
+    return {int(p.parent.name[5:]): Manifest.from_bytes(p.read_bytes())
+            for p in directory.glob("step-*/manifest.msgpack")}
+
+
+def test_small_tensors_are_coalesced_into_batch_files(tmp_path: Path) -> None:
+    model = _many_tensors(64, 64)
+    policy = _write(tmp_path, """
+        [[tier]]
+        name = "host"
+        url = "shm://batch"
+        [[tier]]
+        name = "disk"
+        url = "file:disk"
+        batch = "64KiB"
+        [[tier]]
+        name = "loose"
+        url = "file:loose"
+        batch = "off"
+    """)
+    with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
+        h = ckpt.save_sync(0)
+        h.wait_all_sync(60)
+    batched = _manifests(tmp_path / "disk")[0]
+    loose = _manifests(tmp_path / "loose")[0]
+    assert len(loose.files) == len(loose.tensors)  # one file per tensor
+    assert len(batched.files) < len(batched.tensors) // 4
+    assert all(f.size >= 64 << 10 for f in batched.files[:-1])
+    assert h.metrics["disk.batch_bytes"] == 64 << 10 and h.metrics["loose.batch_bytes"] is None
+
+
+def test_batch_size_and_fit_are_visible_and_follow_a_throttled_tier(tmp_path: Path) -> None:
+    model = _many_tensors(32, 512)
+    policy = _write(tmp_path, f"""
+        [[tier]]
+        name = "host"
+        url = "shm://fit"
+        [[tier]]
+        name = "disk"
+        url = "file:disk"
+        [[tier]]
+        name = "slow"
+        url = "slowfile://{tmp_path / 'slow'}"
+        options = {{ bandwidth_bps = 40e6, latency_s = 0.05 }}
+    """)
+    with asymcheck.Checkpointer(model, None, policy=policy, mode="naive") as ckpt:
+        handles = [ckpt.save_sync(s) for s in range(4)]
+        for h in handles:
+            h.wait_all_sync(120)
+    m = handles[-1].metrics
+    disk, slow = m["disk.fit"], m["slow.fit"]
+    assert disk["samples"] > 0 and slow["samples"] > 0
+    assert slow["throughput_bps"] < 60e6 < disk["throughput_bps"]
+    assert slow["latency_s"] > disk["latency_s"]
+    assert m["slow.batch_bytes"] != m["disk.batch_bytes"]  # B* follows each tier's own fit
+
+
+def test_a_state_four_times_the_host_budget_streams_through(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])  # 8.4 MB
+    state_bytes = sum(p.nbytes for p in model.parameters())
+    budget = state_bytes // 4
+    policy = _write(tmp_path, f"""
+        [[tier]]
+        name = "host"
+        url = "shm://stream"
+        capacity = {budget}
+        [[tier]]
+        name = "disk"
+        url = "file:disk"
+    """)
+    expected = copy.deepcopy(model.state_dict())
+    peak = 0
+    stop = threading.Event()
+    with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
+        ckpt.restore_sync()  # opens the tiers
+        host = ckpt.host
+
+        def sample() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, host.used_bytes)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            h = ckpt.save_sync(5)
+            h.durable("disk").wait(120)
+        finally:
+            stop.set()
+            sampler.join()
+        assert h.tiers == ("disk",) and h.metrics["mode"] == "streaming"
+        assert h.metrics["pieces"] >= 4
+    assert 0 < peak <= budget
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
+        assert ckpt.restore_sync() == 5
+    assert_same(expected, model.state_dict())
+
+
+def test_a_tier_failing_every_write_stops_nothing_else(tmp_path: Path) -> None:
+    model = _many_tensors(8)
+    policy = _write(tmp_path, f"""
+        [[tier]]
+        name = "host"
+        url = "shm://failing"
+        [[tier]]
+        name = "disk"
+        url = "file:disk"
+        [[tier]]
+        name = "broken"
+        url = "failfile://{tmp_path / 'broken'}"
+    """)
+    ckpt = asymcheck.Checkpointer(model, None, policy=policy)
+    handles = [ckpt.save_sync(s) for s in range(3)]
+    for h in handles:
+        h.durable("disk").wait(60)
+        with pytest.raises(OSError, match="injected write failure"):
+            h.durable("broken").wait(60)
+    with pytest.raises(asymcheck.CheckpointError):
+        ckpt.close_sync()
+    assert sorted(_manifests(tmp_path / "disk")) == [2]
+    broken = tmp_path / "broken"
+    assert not list(broken.rglob("manifest.msgpack")) and not [
+        p for p in broken.rglob("*") if p.is_file()]
+
+
+def _throttled_policy(tmp_path: Path, on_full: str) -> Path:
+    return _write(tmp_path, f"""
+        [[tier]]
+        name = "host"
+        url = "shm://backpressure"
+        keep = 1
+        [[tier]]
+        name = "slow"
+        url = "slowfile://{tmp_path / 'slow'}"
+        keep = 20
+        on_full = "{on_full}"
+        options = {{ bandwidth_bps = 1e9, latency_s = 0.3 }}
+    """)
+
+
+def test_on_full_skip_drops_checkpoints_the_slow_tier_cannot_take(tmp_path: Path) -> None:
+    model = _many_tensors(4)
+    with asymcheck.Checkpointer(model, None, policy=_throttled_policy(tmp_path, "skip")) as ck:
+        handles = [ck.save_sync(s) for s in range(8)]
+        skipped, durable = [], []
+        for h in handles:
+            try:
+                h.durable("slow").wait(60)
+                durable.append(h.step)
+            except TierSkipped:
+                skipped.append(h.step)
+    assert skipped and durable
+    assert sorted(_manifests(tmp_path / "slow")) == durable
+    assert not any("backpressure_s" in h.metrics for h in handles)  # no save waited
+
+
+def test_on_full_wait_persists_every_checkpoint_and_reports_the_stall(tmp_path: Path) -> None:
+    model = _many_tensors(4)
+    with asymcheck.Checkpointer(model, None, policy=_throttled_policy(tmp_path, "wait")) as ck:
+        handles = [ck.save_sync(s) for s in range(6)]
+        for h in handles:
+            h.durable("slow").wait(60)
+    assert sorted(_manifests(tmp_path / "slow")) == list(range(6))
+    waited = [h for h in handles if h.metrics.get("backpressure_s", 0) > 0]
+    assert waited, "a save must wait for the full queue"
+    assert all(h.stall_s >= h.metrics["backpressure_s"] for h in waited)  # counted as stall
