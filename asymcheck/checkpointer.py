@@ -565,7 +565,10 @@ class Checkpointer:
             manifest = Manifest(step=prep.step, created_s=time.time(), job=self.job,
                                 objects=prep.objects, tensors=metas,
                                 files=(FileMeta(prep.data_name, prep.layout.total_bytes),),
-                                info={"save_id": prep.save_id, "stall_s": handle.stall_s})
+                                info={"save_id": prep.save_id, "stall_s": handle.stall_s,
+                                      "mode": handle.metrics.get("mode"),
+                                      **({"plan": handle.metrics["plan"]}
+                                         if "plan" in handle.metrics else {})})
             await host.put(manifest_key(prep.step), manifest.to_bytes())
         except BaseException as e:
             await block.abort()

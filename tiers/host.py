@@ -141,6 +141,7 @@ class HostTier(Tier):
         self._pool_dir = self._dir / POOL_DIR
         self._opened = False
         self._closed = False
+        self._writer = False  # set by the first reserve/put/delete
         self._open_lock = asyncio.Lock()
         self._meta_lock = asyncio.Lock()  # orders renames with the size/mapping bookkeeping
         self._waiters: list[asyncio.Future[None]] = []
@@ -274,7 +275,8 @@ class HostTier(Tier):
         return sizes, [(size, path) for _, size, path in pool]
 
     async def close(self) -> None:
-        """Abort open blocks, drop the free pool and unmap. Idempotent."""
+        """Abort open blocks, unmap, and drop the free pool if this instance wrote here (a
+        reader, such as an inspecting tool, leaves a running job's pool alone). Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -284,9 +286,10 @@ class HostTier(Tier):
             with contextlib.suppress(BufferError):  # a caller still holds a view: theirs now
                 mapping.close()
         self._maps.clear()
-        await self._evict_pool(None)
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(os.rmdir, self._pool_dir)
+        if self._writer:
+            await self._evict_pool(None)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(os.rmdir, self._pool_dir)
         self._notify()
 
     async def destroy(self) -> None:
@@ -317,6 +320,7 @@ class HostTier(Tier):
         if nbytes < 0:
             raise ValueError(f"{self.name}: cannot reserve {nbytes} bytes for {key!r}")
         await self._ensure_open()
+        self._writer = True
         reuse = await self._acquire(key, nbytes)  # from here on, the bytes are ours
         task = asyncio.ensure_future(self._make_block(key, path, nbytes, reuse))
         try:
@@ -519,6 +523,7 @@ class HostTier(Tier):
         """Remove ``key``; its pages go to the free pool unless a view of them is alive."""
         path = self._check_key(key)
         await self._ensure_open()
+        self._writer = True
         # Shielded: once the file moved, the bookkeeping below must run too.
         await finish_even_if_cancelled(self._delete_locked(key, path))
 
