@@ -28,7 +28,9 @@ from tiers.base import Tier
 from tiers.host import HostBlock, HostTier
 from tiers.registry import open_tier
 
+from . import dist as _dist
 from ._loop import LoopThread
+from .dist import DistContext
 from .handle import SaveHandle
 from .manifest import ChunkMeta, FileMeta, Manifest, TensorMeta, manifest_key, step_dir
 from .partition import BackwardPolicy, ForwardPolicy, PartitionPlan, make_plan
@@ -107,6 +109,13 @@ class Checkpointer:
 
     ``policy`` is a path to a TOML policy file, a ``Policy``, or None for the
     embedded default (host shared memory + ``./checkpoints``).
+
+    When torch.distributed runs with more than one rank, every rank saves its own shard and a
+    checkpoint commits on a tier once every rank's shard is durable there (see ``dist``);
+    construct the Checkpointer on every rank at the same point, and save the same steps.
+    ``replicated`` names state that is identical on every rank (``"model"`` under
+    DistributedDataParallel, ``"optimizers"``, or an extra's name): rank 0 alone writes it
+    and every rank restores it from rank 0's shard.
     """
 
     def __init__(self, model: torch.nn.Module | None, optimizer: Any = None, *,
@@ -116,7 +125,8 @@ class Checkpointer:
                  max_partition_bytes: int | None = None,
                  forward_policy: ForwardPolicy = ForwardPolicy(),
                  backward_policy: BackwardPolicy = BackwardPolicy(),
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, job: str | None = None) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, job: str | None = None,
+                 replicated: Iterable[str] = (), dist_timeout_s: float = 1800.0) -> None:
         self.model = model
         self.optimizers = _as_list(optimizer)
         self.extras = dict(extras or {})
@@ -169,6 +179,16 @@ class Checkpointer:
         self._spare_block: HostBlock | None = None
         self._spare_wanted: int | None = None
         self._spare_tasks: set[asyncio.Task[None]] = set()
+        self.replicated = tuple(replicated)
+        for name in self.replicated:
+            if name not in _dist.REPLICABLE and name not in self.extras:
+                raise ValueError(f"replicated: {name!r} is neither "
+                                 f"{' nor '.join(map(repr, _dist.REPLICABLE))} nor an extra")
+        self._dist: DistContext | None = None
+        if _dist.active():
+            self._dist = DistContext(self.policy, replicated=self.replicated,
+                                     timeout_s=dist_timeout_s, loop=self._loop, job=self.job,
+                                     on_global=self._global_commit, on_error=self._errors.append)
 
     # ------------------------------------------------------------------ tiers
     @property
@@ -188,21 +208,26 @@ class Checkpointer:
 
     async def _open(self) -> None:
         self._pins_changed = asyncio.Event()
-        for tp in self.policy.tiers:
-            self._tiers[tp.name] = open_tier(tp.url, name=tp.name, capacity_bytes=tp.capacity_bytes,
-                                             **tp.options)
+        if self._dist is not None:  # this rank's shard on each tier
+            self._tiers.update(self._dist.open_tiers())
+        else:
+            for tp in self.policy.tiers:
+                self._tiers[tp.name] = open_tier(tp.url, name=tp.name,
+                                                 capacity_bytes=tp.capacity_bytes, **tp.options)
         host = self._tiers[self.policy.staging.name]
         if not isinstance(host, HostTier):
             raise TypeError(f"{self.policy.source}: the staging tier must be a HostTier")
-        if host.capacity_bytes is None:
-            host.capacity_bytes = _shm_default_capacity(host)
+        if host.capacity_bytes is None:  # shared by the ranks of this host
+            host.capacity_bytes = _shm_default_capacity(host) // (
+                self._dist.local_ranks if self._dist is not None else 1)
         self._scheduler = FlushScheduler(self._tiers, self.policy, on_done=self._flush_done,
                                          pin=self._pin, unpin=self._unpin)
         for tier in self._tiers.values():
             await self._drop_uncommitted(tier)
 
     async def _drop_uncommitted(self, tier: Tier) -> None:
-        """Remove step directories left without a manifest by a crashed save (invisible anyway)."""
+        """Remove step directories left without a manifest by a crashed save (invisible anyway).
+        With several ranks, ``tier`` is this rank's view: only its own shards go."""
         try:
             keys = await tier.list("step-")
         except Exception as e:
@@ -216,12 +241,27 @@ class Checkpointer:
 
     # ------------------------------------------------------------------- save
     def _capture(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict() if self.model is not None else {},
-            "optimizers": [o.state_dict() for o in self.optimizers],
-            "extras": {name: obj.state_dict() for name, obj in self.extras.items()},
+        skip = set(self.replicated) if self._dist is not None and self._dist.rank else set()
+        return {  # replicated state: rank 0 writes it, the other ranks restore it from there
+            "model": None if "model" in skip else
+            self.model.state_dict() if self.model is not None else {},
+            "optimizers": None if "optimizers" in skip else
+            [o.state_dict() for o in self.optimizers],
+            "extras": {name: None if name in skip else obj.state_dict()
+                       for name, obj in self.extras.items()},
             "rng": capture_rng(),
         }
+
+    def _shard_fields(self) -> dict[str, Any]:
+        """Manifest fields of this rank's shard (none without torch.distributed)."""
+        if self._dist is None:
+            return {}
+        return {"world_size": self._dist.world_size}
+
+    def _shard_info(self) -> dict[str, Any]:
+        if self._dist is None:
+            return {}
+        return {"rank": self._dist.rank, "replicated": list(self.replicated)}
 
     def _prepare(self, step: int) -> _Prepared:
         if self._closed:
@@ -237,6 +277,8 @@ class Checkpointer:
         tiers = tuple(t.name for i, t in enumerate(self.policy.tiers)
                       if i == 0 or index % t.every == 0)
         handle = SaveHandle.create(step, tiers, kick=self._finish_pending)
+        if self._dist is not None:
+            self._dist.track(handle)
         return _Prepared(step, secrets.token_hex(4), flat.tensors, layout,
                          pack_skeleton(flat.skeleton), handle, started)
 
@@ -346,33 +388,46 @@ class Checkpointer:
         state during the next forward/backward passes (the next optimizer step waits for it)."""
         self._finish_pending()
         prep = self._prepare(step)
-        waiting = self._full_queues(prep)
-        if waiting:
-            t0 = time.perf_counter()
-            await self._loop.run(self._await_room(waiting))
-            prep.handle.metrics["backpressure_s"] = time.perf_counter() - t0
-        if self._too_big_for_host(prep):
-            return await asyncio.to_thread(self._save_streaming, prep)
-        block = self._take_spare(prep)
-        if block is None:
-            block = await self._loop.run(self._reserve(prep))
-        return self._stage(prep, block)
+        try:
+            waiting = self._full_queues(prep)
+            if waiting:
+                t0 = time.perf_counter()
+                await self._loop.run(self._await_room(waiting))
+                prep.handle.metrics["backpressure_s"] = time.perf_counter() - t0
+            if self._too_big_for_host(prep):
+                return await asyncio.to_thread(self._save_streaming, prep)
+            block = self._take_spare(prep)
+            if block is None:
+                block = await self._loop.run(self._reserve(prep))
+            return self._stage(prep, block)
+        except BaseException as e:
+            self._abandon(prep, e)
+            raise
 
     def save_sync(self, step: int) -> SaveHandle:
         """``save`` for plain (non-async) training loops."""
         self._finish_pending()
         prep = self._prepare(step)
-        waiting = self._full_queues(prep)
-        if waiting:
-            t0 = time.perf_counter()
-            self._loop.call(self._await_room(waiting))
-            prep.handle.metrics["backpressure_s"] = time.perf_counter() - t0
-        if self._too_big_for_host(prep):
-            return self._save_streaming(prep)
-        block = self._take_spare(prep)
-        if block is None:
-            block = self._loop.call(self._reserve(prep))
-        return self._stage(prep, block)
+        try:
+            waiting = self._full_queues(prep)
+            if waiting:
+                t0 = time.perf_counter()
+                self._loop.call(self._await_room(waiting))
+                prep.handle.metrics["backpressure_s"] = time.perf_counter() - t0
+            if self._too_big_for_host(prep):
+                return self._save_streaming(prep)
+            block = self._take_spare(prep)
+            if block is None:
+                block = self._loop.call(self._reserve(prep))
+            return self._stage(prep, block)
+        except BaseException as e:
+            self._abandon(prep, e)
+            raise
+
+    def _abandon(self, prep: _Prepared, error: BaseException) -> None:
+        """A save failed on the training thread: the other ranks learn it at the commit."""
+        if self._dist is not None:
+            self._dist.abandon(prep.handle, error)
 
     def _full_queues(self, prep: _Prepared) -> list[str]:
         """Scheduled tiers with ``on_full = wait`` whose flush queue is full: this save waits
@@ -408,7 +463,11 @@ class Checkpointer:
             raise CheckpointError(
                 f"step {prep.step}: {prep.layout.total_bytes} bytes of state exceed the host "
                 f"budget of {host.capacity_bytes} bytes and no other tier takes this save")
-        handle = prep.handle = SaveHandle.create(prep.step, downstream)
+        old, handle = prep.handle, SaveHandle.create(prep.step, downstream)
+        prep.handle = handle
+        if self._dist is not None:
+            self._dist.rekey(old, handle, TierSkipped(
+                f"step {prep.step} streamed past tier {host.name!r}: larger than its budget"))
         piece_bytes = max(host.capacity_bytes // 4, 64 << 10)
         sd = step_dir(prep.step)
         pieces: list[concurrent.futures.Future[list[tuple[int, ChunkMeta]]]] = []
@@ -464,6 +523,8 @@ class Checkpointer:
             results = [await asyncio.wrap_future(p) for p in pieces]
         except BaseException as e:
             self._fail(handle, [t for t in downstream if t not in failed], e)
+            for t, err in failed.items():
+                self._not_durable(handle, t, err)
             raise
         by_slot: dict[int, list[ChunkMeta]] = {}
         files = []
@@ -478,8 +539,9 @@ class Checkpointer:
             for i, s in enumerate(prep.layout.slots))
         manifest = Manifest(step=prep.step, created_s=time.time(), job=self.job,
                             objects=prep.objects, tensors=tensors, files=tuple(files),
+                            **self._shard_fields(),
                             info={"save_id": prep.save_id, "stall_s": handle.stall_s,
-                                  "streamed": True})
+                                  "streamed": True, **self._shard_info()})
         data = manifest.to_bytes()
         for tier_name in downstream:
             if tier_name in failed:
@@ -490,7 +552,7 @@ class Checkpointer:
             except Exception as e:
                 self._fail(handle, (tier_name,), e)
                 continue
-            handle.durable(tier_name).set_done()
+            self._durable(handle, tier_name)
             await self._retain(self._tiers[tier_name])
 
 
@@ -565,10 +627,12 @@ class Checkpointer:
             manifest = Manifest(step=prep.step, created_s=time.time(), job=self.job,
                                 objects=prep.objects, tensors=metas,
                                 files=(FileMeta(prep.data_name, prep.layout.total_bytes),),
+                                **self._shard_fields(),
                                 info={"save_id": prep.save_id, "stall_s": handle.stall_s,
                                       "mode": handle.metrics.get("mode"),
                                       **({"plan": handle.metrics["plan"]}
-                                         if "plan" in handle.metrics else {})})
+                                         if "plan" in handle.metrics else {}),
+                                      **self._shard_info()})
             await host.put(manifest_key(prep.step), manifest.to_bytes())
         except BaseException as e:
             await block.abort()
@@ -577,7 +641,7 @@ class Checkpointer:
                 raise
             return
         handle.staged.set_done()
-        handle.durable(host.name).set_done()
+        self._durable(handle, host.name)
         self._want_spare(prep.layout.total_bytes)
         assert self._scheduler is not None
         for name in handle.tiers[1:]:
@@ -585,7 +649,7 @@ class Checkpointer:
                 log.warning("tier %s is behind: step %d is not persisted there (on_full = skip)",
                             name, prep.step)
                 handle.metrics.setdefault("skipped", []).append(name)
-                handle.durable(name).set_failed(TierSkipped(
+                self._not_durable(handle, name, TierSkipped(
                     f"step {prep.step} skipped on tier {name!r}: its queue was full"))
                 continue
             self._pin(prep.step)
@@ -594,7 +658,7 @@ class Checkpointer:
 
     async def _flush_done(self, job: FlushJob, tier: str, error: BaseException | None) -> None:
         if error is None:
-            job.handle.durable(tier).set_done()
+            self._durable(job.handle, tier)
             await self._retain(self._tiers[tier])
         else:
             self._fail(job.handle, (tier,), error)
@@ -618,13 +682,39 @@ class Checkpointer:
         if not handle.staged.done():
             handle.staged.set_failed(error)
         for t in tiers:
-            handle.durable(t).set_failed(error)
+            self._not_durable(handle, t, error)
+
+    def _durable(self, handle: SaveHandle, tier: str) -> None:
+        """This process's copy is durable on ``tier``; with several ranks, the checkpoint is
+        durable there once every rank's shard is (the commit sets ``handle.durable``)."""
+        if self._dist is None:
+            handle.durable(tier).set_done()
+        else:
+            self._dist.resolve(handle, tier, None)
+
+    def _not_durable(self, handle: SaveHandle, tier: str, error: BaseException) -> None:
+        if self._dist is None:
+            handle.durable(tier).set_failed(error)
+        else:
+            self._dist.resolve(handle, tier, error)
+
+    async def _global_commit(self, tier: str) -> None:
+        await self._retain(self._tiers[tier])
 
     async def _retain(self, tier: Tier) -> None:
         """Keep the newest ``keep`` checkpoints, the delta bases they need, and pinned host
         copies; delete older ones (only ever after a newer one committed on this tier)."""
         keep = self.policy.tier(tier.name).keep
         is_host = tier is self._tiers[self.policy.staging.name]
+        if self._dist is not None:
+            try:
+                await self._dist.retain(tier, keep, is_host=is_host,
+                                        pinned=lambda s: self._pins[s] > 0,
+                                        bases=not is_host and self.policy.compression.mode != "off")
+            except Exception as e:
+                log.warning("retention on tier %s failed (will retry after the next save): %s",
+                            tier.name, e)
+            return
         try:
             steps = await committed_steps(tier)
             if len(steps) <= keep:
@@ -668,27 +758,46 @@ class Checkpointer:
         step: int = state["step"]
         return step
 
+    def _load_ranks(self, step: int | None) -> LoadedCheckpoint | None:
+        """With several ranks: every rank's shard of one step all ranks can read (collective)."""
+        assert self._dist is not None
+        self._loop.call(self._ensure_open())
+        return self._dist.restore(step, self._loop.call)
+
     async def restore(self, step: int | None = None) -> int | None:
-        """Load the newest committed checkpoint (or ``step``); None when nothing is committed."""
+        """Load the newest committed checkpoint (or ``step``); None when nothing is committed.
+        With several ranks every rank calls it, and all restore the same step."""
         self._finish_pending()
-        loaded = await self._loop.run(self._load(step))
+        if self._dist is not None:
+            loaded = await asyncio.to_thread(self._load_ranks, step)
+        else:
+            loaded = await self._loop.run(self._load(step))
         return None if loaded is None else self._apply(loaded)
 
     def restore_sync(self, step: int | None = None) -> int | None:
         self._finish_pending()
-        loaded = self._loop.call(self._load(step))
+        loaded = self._load_ranks(step) if self._dist is not None else \
+            self._loop.call(self._load(step))
         return None if loaded is None else self._apply(loaded)
 
     async def load(self, step: int | None = None) -> LoadedCheckpoint | None:
-        """Read a checkpoint without applying it (inspection, export)."""
+        """Read a checkpoint without applying it (inspection, export); with several ranks,
+        this rank's shard (replicated state included), and every rank calls it."""
+        if self._dist is not None:
+            return await asyncio.to_thread(self._load_ranks, step)
         return await self._loop.run(self._load(step))
 
     def load_sync(self, step: int | None = None) -> LoadedCheckpoint | None:
+        if self._dist is not None:
+            return self._load_ranks(step)
         return self._loop.call(self._load(step))
 
     # ------------------------------------------------------------------ close
     async def _drain(self) -> None:
         if self._open_task is None:
+            if self._dist is not None:
+                await self._dist.stop()
+                await self._dist.close()
             return
         await self._ensure_open()
         while self._commits or (self._scheduler and self._scheduler.pending):
@@ -697,6 +806,8 @@ class Checkpointer:
                                      return_exceptions=True)
             if self._scheduler:
                 await self._scheduler.join()
+        if self._dist is not None:  # the last global commits (every rank drains alike)
+            await self._dist.stop()
         for task in list(self._spare_tasks):
             task.cancel()
         await asyncio.gather(*self._spare_tasks, return_exceptions=True)
@@ -708,6 +819,8 @@ class Checkpointer:
             await self._scheduler.close()
         for tier in self._tiers.values():
             await tier.close()
+        if self._dist is not None:
+            await self._dist.close()
 
     def _finish(self) -> None:
         self._loop.stop()

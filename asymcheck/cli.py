@@ -47,6 +47,7 @@ from .restore import (
     committed_steps,
     empty_tensor,
     load_checkpoint,
+    read_base_tensor,
     read_manifest,
     read_tensor,
 )
@@ -413,6 +414,10 @@ def inspect_lines(tier: Tier, m: Manifest) -> Iterator[str]:
     if isinstance(plan, dict):
         yield ""
         yield from plan_lines(plan)
+    compression = info.pop("compression", None)
+    if isinstance(compression, dict):
+        yield ""
+        yield from compression_lines(compression)
     yield ""
     yield "files"
     yield from table(["FILE", "SIZE"], [[f.key, fmt_bytes(f.size)] for f in m.files], right=(1,))
@@ -426,6 +431,20 @@ def inspect_lines(tier: Tier, m: Manifest) -> Iterator[str]:
                     yield f"    {k}: {json.dumps(v, default=json_default)}"
             else:
                 yield f"  {key}: {json.dumps(value, default=json_default)}"
+
+
+def compression_lines(comp: dict[str, Any]) -> Iterator[str]:
+    raw, stored = comp.get("raw_bytes"), comp.get("stored_bytes")
+    ratio = f"{raw / stored:.3f}x" if isinstance(raw, int) and isinstance(stored, int) and stored \
+        else "-"
+    kind = "full" if comp.get("full") else f"delta on step(s) {comp.get('base_steps')}"
+    yield (f"compression ({comp.get('mode')}, {kind}): {fmt_bytes(raw)} -> {fmt_bytes(stored)}, "
+           f"{ratio}")
+    rows = [[str(path), str(codec), "-" if est is None else f"{est:.3f}", f"{real:.3f}"]
+            for path, codec, est, real in comp.get("decisions", [])
+            if isinstance(real, (int, float))]
+    if rows:
+        yield from table(["PATH", "CODEC", "ESTIMATED", "ACHIEVED"], rows, right=(2, 3))
 
 
 def plan_lines(plan: dict[str, Any]) -> Iterator[str]:
@@ -485,16 +504,35 @@ async def verify_copy(tier: Tier, m: Manifest, bar: Any) -> list[Fault]:
     async def check_chunk(meta: TensorMeta, out: torch.Tensor, chunk: ChunkMeta) -> None:
         async with chunk_slots:
             try:
-                await read_tensor(tier, m.step, replace(meta, chunks=(chunk,)), out)
+                await read_tensor(tier, m.step, replace(meta, chunks=(chunk,)), out,
+                                  locate=m.locate)
             except Exception as e:
-                faults.append(Fault(tier.name, m.step, "tensor", meta.path, str(e), chunk))
+                file, offset = m.locate(chunk)  # where the bytes are on this tier
+                faults.append(Fault(tier.name, m.step, "tensor", meta.path, str(e),
+                                    chunk._replace(file=file, offset=offset)))
             finally:
                 bar.update(chunk.stored_len)
+
+    async def read_base(base_step: int, meta: TensorMeta) -> memoryview:
+        return await read_base_tensor([tier], base_step, meta)
+
+    async def check_coded(meta: TensorMeta, out: torch.Tensor) -> None:
+        """Coded chunks decode together (a delta needs its base): checked as one tensor."""
+        async with chunk_slots:
+            try:
+                await read_tensor(tier, m.step, meta, out, base=read_base, locate=m.locate)
+            except Exception as e:
+                faults.append(Fault(tier.name, m.step, "tensor", meta.path, str(e)))
+            finally:
+                bar.update(sum(c.stored_len for c in meta.chunks))
 
     async def check_tensor(meta: TensorMeta) -> None:
         async with tensor_slots:
             out = empty_tensor(meta)
-            await asyncio.gather(*(check_chunk(meta, out, c) for c in meta.chunks))
+            if any(c.codec != "raw" for c in meta.chunks):
+                await check_coded(meta, out)
+            else:
+                await asyncio.gather(*(check_chunk(meta, out, c) for c in meta.chunks))
 
     await asyncio.gather(*(check_tensor(t) for t in m.tensors))
     order = {t.path: i for i, t in enumerate(m.tensors)}

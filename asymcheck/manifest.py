@@ -8,10 +8,12 @@ Everything read back is validated before it is trusted.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import xxhash
@@ -52,9 +54,11 @@ def checksum(data: Any) -> int:
     return xxhash.xxh64_intdigest(data)
 
 
-@dataclass(frozen=True)
-class ChunkMeta:
-    """``raw_len`` decoded bytes of a tensor, stored as ``stored_len`` bytes in ``file``."""
+class ChunkMeta(NamedTuple):
+    """``raw_len`` decoded bytes of a tensor, stored as ``stored_len`` bytes in ``file``.
+
+    A tuple (not a dataclass): a checkpoint holds tens of thousands, packed as msgpack arrays.
+    """
 
     file: str
     offset: int
@@ -83,6 +87,20 @@ class FileMeta:
     size: int
 
 
+class Segment(NamedTuple):
+    """Bytes [src_start, src_end) of the host file ``src_file`` live in ``file`` at ``offset``.
+
+    A flush copies runs of raw tensors verbatim into batch files; segments map the host
+    layout's (file, offset) onto them, so those tensors' chunk tables are reused as they are.
+    """
+
+    src_file: str
+    src_start: int
+    src_end: int
+    file: str
+    offset: int
+
+
 @dataclass(frozen=True)
 class Manifest:
     step: int
@@ -93,6 +111,30 @@ class Manifest:
     files: tuple[FileMeta, ...]
     world_size: int = 1
     info: dict[str, Any] = field(default_factory=dict)
+    segments: tuple[Segment, ...] = ()
+
+    @functools.cached_property
+    def _segment_index(self) -> dict[str, tuple[list[int], list[Segment]]]:
+        index: dict[str, list[Segment]] = {}
+        for seg in self.segments:
+            index.setdefault(seg.src_file, []).append(seg)
+        out = {}
+        for src, segs in index.items():
+            segs.sort(key=lambda g: g.src_start)
+            out[src] = ([g.src_start for g in segs], segs)
+        return out
+
+    def locate(self, chunk: ChunkMeta) -> tuple[str, int]:
+        """Where a chunk's stored bytes are: (file, offset), through the segment map."""
+        found = self._segment_index.get(chunk.file)
+        if found is None:
+            return chunk.file, chunk.offset
+        starts, segs = found
+        i = bisect.bisect_right(starts, chunk.offset) - 1
+        seg = segs[i] if i >= 0 else None
+        if seg is None or chunk.offset + chunk.stored_len > seg.src_end:
+            raise ManifestError(f"chunk {chunk.file}@{chunk.offset} is in no segment")
+        return seg.file, seg.offset + chunk.offset - seg.src_start
 
     @property
     def nbytes(self) -> int:
@@ -103,19 +145,19 @@ class Manifest:
         return sum(f.size for f in self.files)
 
     def with_layout(self, tensors: tuple[TensorMeta, ...], files: tuple[FileMeta, ...],
-                    **info: Any) -> Manifest:
+                    segments: tuple[Segment, ...] = (), **info: Any) -> Manifest:
         """The same checkpoint stored with another layout (another tier, codec or batching)."""
-        return replace(self, tensors=tensors, files=files, info={**self.info, **info})
+        return replace(self, tensors=tensors, files=files, segments=segments,
+                       info={**self.info, **info})
 
     def to_bytes(self) -> bytes:
         body = msgpack.packb({
             "step": self.step, "created_s": self.created_s, "job": self.job,
             "objects": self.objects, "world_size": self.world_size, "info": self.info,
             "files": [[f.key, f.size] for f in self.files],
+            "segments": self.segments,
             "tensors": [[t.path, t.dtype, list(t.shape), t.nbytes,
-                         [[c.file, c.offset, c.stored_len, c.raw_offset, c.raw_len, c.xxh64,
-                           c.codec, c.elem_size, c.base_step, c.stored_xxh64]
-                          for c in t.chunks]]
+                         t.chunks]
                         for t in self.tensors],
         }, use_bin_type=True)
         return msgpack.packb({"format": FORMAT, "version": VERSION, "body": body,
@@ -150,6 +192,20 @@ def _decode(data: bytes) -> Manifest:
     b = msgpack.unpackb(body, raw=False, strict_map_key=False)
     files = tuple(FileMeta(validate_key(k), _int(s, f"file {k!r} size")) for k, s in b["files"])
     sizes = {f.key: f.size for f in files}
+    segments = []
+    for src, start, end, file, off in b.get("segments", []):
+        validate_key(src)
+        _int(start, "segment start")
+        _int(end, "segment end")
+        _int(off, "segment offset")
+        if end < start or file not in sizes or off + end - start > sizes[file]:
+            raise ManifestError(f"segment {src}@[{start}, {end}) -> {file!r}@{off} does not fit "
+                                "the files")
+        segments.append(Segment(src, start, end, file, off))
+    index: dict[str, list[tuple[int, int]]] = {}
+    for seg in segments:
+        index.setdefault(seg.src_file, []).append((seg.src_start, seg.src_end))
+    bounds = {src: (sorted(r), [a for a, _ in sorted(r)]) for src, r in index.items()}
     tensors = []
     for path, dtype, shape, nbytes, chunks in b["tensors"]:
         if not isinstance(path, str) or "\x00" in path:
@@ -162,13 +218,19 @@ def _decode(data: bytes) -> Manifest:
             raise ManifestError(f"{path}: shape {shape_t} of {dtype} is not {nbytes} bytes")
         metas, expect = [], 0
         for f, off, slen, roff, rlen, h, codec, esize, base, stored_h in chunks:
-            if f not in sizes:
-                raise ManifestError(f"{path}: chunk refers to unknown file {f!r}")
             _int(off, f"{path}: chunk offset")
             _int(slen, f"{path}: chunk stored length")
-            if off + slen > sizes[f]:
-                raise ManifestError(f"{path}: chunk [{off}, {off + slen}) lies outside "
-                                    f"{f!r} of {sizes[f]} bytes")
+            if f in sizes:
+                if off + slen > sizes[f]:
+                    raise ManifestError(f"{path}: chunk [{off}, {off + slen}) lies outside "
+                                        f"{f!r} of {sizes[f]} bytes")
+            elif f in bounds:
+                ranges, starts = bounds[f]
+                i = bisect.bisect_right(starts, off) - 1
+                if i < 0 or off + slen > ranges[i][1]:
+                    raise ManifestError(f"{path}: chunk {f}@{off} lies in no segment")
+            else:
+                raise ManifestError(f"{path}: chunk refers to unknown file {f!r}")
             if roff != expect:
                 raise ManifestError(f"{path}: chunks do not tile the tensor at byte {expect}")
             expect += _int(rlen, f"{path}: chunk length")
@@ -199,4 +261,5 @@ def _decode(data: bytes) -> Manifest:
     return Manifest(step=_int(b["step"], "step", hi=10**12 - 1),
                     created_s=float(b["created_s"]), job=job, objects=objects,
                     tensors=tuple(tensors), files=files,
-                    world_size=_int(b.get("world_size", 1), "world_size", 1, 1 << 20), info=info)
+                    world_size=_int(b.get("world_size", 1), "world_size", 1, 1 << 20), info=info,
+                    segments=tuple(segments))

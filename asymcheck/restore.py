@@ -44,6 +44,11 @@ class ChunkError(ValueError):
     """A chunk failed verification on one tier."""
 
 
+def world_size_error(step: int, saved: int, current: int) -> RestoreError:
+    return RestoreError(f"step {step} was saved with world size {saved}, this job has world "
+                        f"size {current}: restore it with {saved} rank(s)")
+
+
 @dataclass(frozen=True)
 class LoadedCheckpoint:
     step: int
@@ -97,22 +102,30 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 BaseReader = Callable[[int, TensorMeta], Awaitable[memoryview]]
+Locator = Callable[[ChunkMeta], tuple[str, int]]
 
 
-async def read_chunk(tier: Tier, step: int, chunk: ChunkMeta, out: memoryview) -> None:
+def _direct(chunk: ChunkMeta) -> tuple[str, int]:
+    return chunk.file, chunk.offset
+
+
+async def read_chunk(tier: Tier, step: int, chunk: ChunkMeta, out: memoryview,
+                     locate: Locator = _direct) -> None:
     """Read one raw chunk into ``out`` and verify its checksum."""
-    key = f"{step_dir(step)}/{chunk.file}"
+    file, offset = locate(chunk)
+    key = f"{step_dir(step)}/{file}"
     if chunk.raw_len:
-        await tier.readinto(key, out, chunk.offset)
+        await tier.readinto(key, out, offset)
     actual = await asyncio.to_thread(checksum, out)
     if actual != chunk.xxh64:
-        raise ChunkError(f"checksum mismatch in {tier.name}:{key} at offset {chunk.offset} "
+        raise ChunkError(f"checksum mismatch in {tier.name}:{key} at offset {offset} "
                          f"({chunk.raw_len} bytes)")
 
 
 async def read_tensor(tier: Tier, step: int, meta: TensorMeta, out: torch.Tensor, *,
                       base: BaseReader | None = None,
-                      executor: concurrent.futures.Executor | None = None) -> None:
+                      executor: concurrent.futures.Executor | None = None,
+                      locate: Locator = _direct) -> None:
     """Fill ``out`` with one tensor of a checkpoint on ``tier``, verified chunk by chunk.
 
     Coded chunks are fetched with ranged reads and decoded in parallel on ``executor``;
@@ -123,13 +136,14 @@ async def read_tensor(tier: Tier, step: int, meta: TensorMeta, out: torch.Tensor
     if not coded:
         for chunk in meta.chunks:
             await read_chunk(tier, step, chunk,
-                             view[chunk.raw_offset:chunk.raw_offset + chunk.raw_len])
+                             view[chunk.raw_offset:chunk.raw_offset + chunk.raw_len], locate)
         return
     if len(coded) != len(meta.chunks):
         raise ChunkError(f"{meta.path}: raw and coded chunks mixed in one tensor")
     sd = step_dir(step)
-    stored = await gather_or_cancel(tier.get(f"{sd}/{c.file}", c.offset, c.stored_len)
-                                    for c in coded)
+    where = [locate(c) for c in coded]
+    stored = await gather_or_cancel(tier.get(f"{sd}/{file}", offset, c.stored_len)
+                                    for c, (file, offset) in zip(coded, where, strict=True))
     chunks = [EncodedChunk(c.codec, c.raw_offset, c.raw_len, data, c.xxh64, c.elem_size,
                            c.stored_xxh64 if c.stored_xxh64 is not None else c.xxh64)
               for c, data in zip(coded, stored, strict=True)]
@@ -151,8 +165,8 @@ def _same_tensors(a: Manifest, b: Manifest) -> bool:
         (t.path, t.dtype, t.shape) for t in b.tensors]
 
 
-async def _read_base_tensor(holders: Sequence[Tier], step: int, meta: TensorMeta,
-                            pool: concurrent.futures.Executor) -> memoryview:
+async def read_base_tensor(holders: Sequence[Tier], step: int, meta: TensorMeta,
+                            pool: concurrent.futures.Executor | None = None) -> memoryview:
     """The bytes of ``meta``'s tensor in the full checkpoint ``step``, from any tier."""
     problems = []
     for tier in holders:
@@ -162,7 +176,7 @@ async def _read_base_tensor(holders: Sequence[Tier], step: int, meta: TensorMeta
             if not match or (match[0].dtype, match[0].shape) != (meta.dtype, meta.shape):
                 raise ChunkError(f"base step {step} has no tensor {meta.path!r} of that shape")
             out = empty_tensor(match[0])
-            await read_tensor(tier, step, match[0], out, executor=pool)
+            await read_tensor(tier, step, match[0], out, executor=pool, locate=base_man.locate)
             return tensor_bytes(out)
         except Exception as e:
             problems.append(f"{tier.name} ({e})")
@@ -171,8 +185,14 @@ async def _read_base_tensor(holders: Sequence[Tier], step: int, meta: TensorMeta
 
 
 async def load_checkpoint(tiers: Sequence[Tier], step: int | None = None, *,
-                          max_parallel: int = 8) -> LoadedCheckpoint | None:
-    """Read the newest committed checkpoint (or ``step``). None when nothing is committed."""
+                          max_parallel: int = 8, world_size: int = 1,
+                          select: Callable[[str], bool] | None = None
+                          ) -> LoadedCheckpoint | None:
+    """Read the newest committed checkpoint (or ``step``). None when nothing is committed.
+
+    A checkpoint saved with another ``world_size`` is an error naming both sizes. With
+    ``select``, only tensors whose path it accepts are read; the others are left as tensors
+    on the meta device."""
     found = await steps_by_tier(tiers)
     if step is None:
         if not found:
@@ -200,7 +220,12 @@ async def load_checkpoint(tiers: Sequence[Tier], step: int | None = None, *,
         raise RestoreError(f"step {step}: no tier holds a readable manifest "
                            f"(tried {', '.join(t.name for t in holders)}): {'; '.join(problems)}")
     reference = copies[0][1]
-    tensors = [empty_tensor(m) for m in reference.tensors]
+    if reference.world_size != world_size:
+        raise world_size_error(step, reference.world_size, world_size)
+    wanted = [i for i, m in enumerate(reference.tensors) if select is None or select(m.path)]
+    tensors = [empty_tensor(m) if select is None or select(m.path)
+               else torch.empty(m.shape, dtype=dtype_from_name(m.dtype), device="meta")
+               for m in reference.tensors]
     sources: dict[str, int] = {}
     sem = asyncio.Semaphore(max_parallel)
     pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="asymcheck-decode")
@@ -210,7 +235,7 @@ async def load_checkpoint(tiers: Sequence[Tier], step: int | None = None, *,
         key = (base_step, meta.path)
         if key not in bases:
             bases[key] = asyncio.ensure_future(
-                _read_base_tensor(found.get(base_step, []), base_step, meta, pool))
+                read_base_tensor(found.get(base_step, []), base_step, meta, pool))
         return await bases[key]
 
     async def fetch(i: int) -> None:
@@ -219,7 +244,7 @@ async def load_checkpoint(tiers: Sequence[Tier], step: int | None = None, *,
             for tier, man in copies:
                 try:
                     await read_tensor(tier, step, man.tensors[i], tensors[i], base=read_base,
-                                      executor=pool)
+                                      executor=pool, locate=man.locate)
                 except Exception as e:
                     tried.append(f"{tier.name} ({e})")
                     log.warning("step %d: %s unreadable on %s, trying the next tier: %s",
@@ -231,7 +256,7 @@ async def load_checkpoint(tiers: Sequence[Tier], step: int | None = None, *,
                            f"tried {', '.join(tried)}")
 
     try:
-        await gather_or_cancel(fetch(i) for i in range(len(tensors)))
+        await gather_or_cancel(fetch(i) for i in wanted)
     finally:
         pool.shutdown(wait=True)
     state = unflatten(unpack_skeleton(reference.objects), tensors)

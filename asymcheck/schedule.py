@@ -29,8 +29,17 @@ from tiers.host import HostTier
 from .codec import encode, estimate_ratio
 from .costmodel import CostModel
 from .handle import SaveHandle
-from .manifest import ChunkMeta, FileMeta, Manifest, TensorMeta, manifest_key, step_dir
+from .manifest import (
+    ChunkMeta,
+    FileMeta,
+    Manifest,
+    Segment,
+    TensorMeta,
+    manifest_key,
+    step_dir,
+)
 from .policy import Policy, TierPolicy
+from .snapshot import ALIGN_BYTES
 from .state import dtype_from_name
 
 log = logging.getLogger(__name__)
@@ -72,7 +81,11 @@ def tensor_span(meta: TensorMeta) -> tuple[str, int]:
 
 
 class _BatchWriter:
-    """Packs stored chunks into files of about ``target_bytes``, one write in flight."""
+    """Packs stored data into files of about ``target_bytes``, one write in flight.
+
+    Raw tensors that lie back to back in a host file are written as one slice of it
+    (alignment padding included), so many small tensors cost one buffer, not one each.
+    """
 
     def __init__(self, tier: Tier, directory: str, prefix: str, target_bytes: int | None,
                  on_write: Callable[[int, float], None]) -> None:
@@ -80,28 +93,60 @@ class _BatchWriter:
         self._target = target_bytes
         self._on_write = on_write
         self._parts: list[Any] = []
-        self._size = 0
+        self._size = 0  # bytes in _parts, not counting the open region
+        self._region: list[Any] | None = None  # [host file, host view, start, end]
         self._index = 0
         self._inflight: asyncio.Task[None] | None = None
         self.files: list[FileMeta] = []
+        self.segments: list[Segment] = []
 
     @property
     def _name(self) -> str:
         return f"{self._prefix}-{self._index:05d}.bin"
 
+    def _close_region(self) -> None:
+        if self._region is not None:
+            src, view, start, end = self._region
+            self.segments.append(Segment(src, start, end, self._name, self._size))
+            self._parts.append(view[start:end])
+            self._size += end - start
+            self._region = None
+
+    @property
+    def _pending(self) -> int:
+        region = self._region
+        return self._size + (region[3] - region[2] if region is not None else 0)
+
     async def add(self, data: Any) -> tuple[str, int]:
+        """Append a stored buffer; returns (file, offset) where it will live."""
+        self._close_region()
         where = (self._name, self._size)
         self._parts.append(data)
         self._size += memoryview(data).nbytes
-        if self._target is not None and self._size >= self._target:
-            await self._emit()
+        await self._maybe_emit()
         return where
 
+    async def add_raw(self, src: str, view: memoryview, start: int, end: int) -> None:
+        """Append bytes [start, end) of host file ``src`` (recorded as a segment); adjacent
+        ranges share one slice and one segment."""
+        region = self._region
+        if region is not None and region[0] == src and 0 <= start - region[3] < ALIGN_BYTES:
+            region[3] = end
+        else:
+            self._close_region()
+            self._region = [src, view, start, end]
+        await self._maybe_emit()
+
+    async def _maybe_emit(self) -> None:
+        if self._target is not None and self._pending >= self._target:
+            await self._emit()
+
     async def end_tensor(self) -> None:
-        if self._target is None and self._parts:  # unbatched: a file per tensor
+        if self._target is None and self._pending:  # unbatched: a file per tensor
             await self._emit()
 
     async def _emit(self) -> None:
+        self._close_region()
         if self._inflight is not None:
             await self._inflight
         name, parts, size = self._name, self._parts, self._size
@@ -115,7 +160,7 @@ class _BatchWriter:
         self._on_write(size, time.perf_counter() - t0)
 
     async def finish(self) -> list[FileMeta]:
-        if self._parts or not self.files:
+        if self._pending or not self.files:
             await self._emit()
         if self._inflight is not None:
             await self._inflight
@@ -269,7 +314,7 @@ class FlushScheduler:
                 if est is not None:
                     decisions.append([meta.path, codec, round(est, 4),
                                       round(meta.nbytes / max(stored, 1), 4)])
-                tensors.append(replace(meta, chunks=tuple(chunks)))
+                tensors.append(meta if codec == "raw" else replace(meta, chunks=tuple(chunks)))
             files = await writer.finish()
         except BaseException:
             await writer.cancel()
@@ -281,7 +326,8 @@ class FlushScheduler:
                        "base_steps": [base.step] if base is not None else [],
                        "raw_bytes": raw_total, "stored_bytes": stored_total,
                        "decisions": decisions}
-        committed = man.with_layout(tuple(tensors), tuple(files), compression=compression,
+        committed = man.with_layout(tuple(tensors), tuple(files), tuple(writer.segments),
+                                    compression=compression,
                                     batch_bytes=target, tier=tier.name)
         data = committed.to_bytes()
         t0 = time.perf_counter()
@@ -301,12 +347,10 @@ class FlushScheduler:
     async def _store(self, writer: _BatchWriter, st: _TierState, meta: TensorMeta,
                      raw: memoryview, views: Mapping[str, memoryview], codec: str,
                      base: Manifest | None, base_raw: memoryview | None) -> list[ChunkMeta]:
-        if codec == "raw":  # the host chunks as they are, checksums included
-            out = []
-            for c in meta.chunks:
-                file, off = await writer.add(views[c.file][c.offset:c.offset + c.stored_len])
-                out.append(replace(c, file=file, offset=off))
-            return out
+        if codec == "raw":  # the host bytes and chunk table as they are, via a segment
+            file, start = tensor_span(meta)
+            await writer.add_raw(file, views[file], start, start + meta.nbytes)
+            return list(meta.chunks)
         level = self._policy.compression.level
         t0 = time.perf_counter()
         part = await asyncio.to_thread(encode, raw, codec=codec, elem_size=_elem_size(meta),

@@ -127,8 +127,11 @@ def test_inspect_shows_tensors_files_plan_and_codec_decisions(
 
     plan = {"total_bytes": 8192, "windows": [[0, "forward", "body.0", 1024],
                                              [1, "backward", "head", 7168]]}
-    decided = m.with_layout(m.tensors, m.files, plan=plan,
-                            compression={"model/body.0.weight": "zstd"})
+    decided = m.with_layout(m.tensors, m.files, m.segments, plan=plan,
+                            compression={"mode": "auto", "full": True, "base_steps": [],
+                                             "raw_bytes": m.nbytes, "stored_bytes": m.nbytes,
+                                             "decisions": [["model/body.0.weight", "raw", 1.04,
+                                                            1.0]]})
 
     async def rewrite() -> None:
         tier = open_tier(local.as_uri(), name="local")
@@ -136,11 +139,14 @@ def test_inspect_shows_tensors_files_plan_and_codec_decisions(
         await tier.close()
 
     asyncio.run(rewrite())
-    code, out, _ = run(capsys, "inspect", "2", "--tier", "local", "--policy", str(policy_file))
-    assert code == 0
+    code, out, err = run(capsys, "inspect", "2", "--tier", "local", "--policy", str(policy_file))
+    assert code == 0, err
     assert "partitions (8.0 KiB planned in 2 windows)" in out
     assert "forward      1 partitions  1.0 KiB" in out and "backward" in out
-    assert 'model/body.0.weight: "zstd"' in out
+    assert "compression (auto, full)" in out
+    decision = next(line for line in out.splitlines()
+                    if line.split()[:2] == ["model/body.0.weight", "raw"])
+    assert decision.split()[2:] == ["1.040", "1.000"]
 
     code, out, _ = run(capsys, "inspect", "latest", "--json", "--policy", str(policy_file))
     doc = json.loads(out)
@@ -160,18 +166,19 @@ def test_verify_exits_1_naming_the_tier_and_tensor_of_a_flipped_byte(
     assert "ok     host  step 3" in out and "ok     local  step 3" in out
     assert out.rstrip().endswith("verified 1 checkpoint(s), 2 copies: 0 fault(s)")
 
-    meta = next(t for t in local_manifest(local, 3).tensors if t.path == "model/body.0.weight")
-    chunk = meta.chunks[0]
-    data = local / "step-000000000003" / chunk.file
+    man = local_manifest(local, 3)
+    meta = next(t for t in man.tensors if t.path == "model/body.0.weight")
+    file, offset = man.locate(meta.chunks[0])  # the batch file and offset on this tier
+    data = local / "step-000000000003" / file
     raw = bytearray(data.read_bytes())
-    raw[chunk.offset + 5] ^= 0x10
+    raw[offset + 5] ^= 0x10
     data.write_bytes(bytes(raw))
 
     code, out, _ = run(capsys, "verify", "3", "--policy", str(policy_file))
     assert code == 1
     fault = next(line for line in out.splitlines() if line.startswith("FAULT"))
     assert fault.startswith(f"FAULT  local  step 3  tensor model/body.0.weight  chunk "
-                            f"{chunk.file}@{chunk.offset}")
+                            f"{file}@{offset}")
     assert "checksum mismatch" in fault and "ok     host  step 3" in out
     assert "1 fault(s)" in out
 
@@ -179,7 +186,7 @@ def test_verify_exits_1_naming_the_tier_and_tensor_of_a_flipped_byte(
     doc = json.loads(out)
     assert code == 1 and doc["steps"] == [1, 2, 3] and not doc["ok"]
     assert [(f["tier"], f["step"], f["kind"], f["name"], f["offset"]) for f in doc["faults"]] \
-        == [("local", 3, "tensor", "model/body.0.weight", chunk.offset)]
+        == [("local", 3, "tensor", "model/body.0.weight", offset)]
     assert sum(c["ok"] for c in doc["copies"]) == 5
 
     code, out, _ = run(capsys, "verify", "--quiet", "--tier", "host", "--policy",
@@ -359,17 +366,19 @@ def test_gc_stale_shm_removes_only_a_dead_local_jobs_blocks(
 
 def test_console_script_reports_a_fault_with_exit_code_1(
         saved: dict[str, Any], local: Path) -> None:
-    meta = local_manifest(local, 3).tensors[0]
-    data = local / "step-000000000003" / meta.chunks[0].file
+    man = local_manifest(local, 3)
+    meta = man.tensors[0]
+    file, offset = man.locate(meta.chunks[0])
+    data = local / "step-000000000003" / file
     raw = bytearray(data.read_bytes())
-    raw[meta.chunks[0].offset] ^= 0x01
+    raw[offset] ^= 0x01
     data.write_bytes(bytes(raw))
     script = Path(sys.executable).with_name("asymcheck")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "asymcheck.cli"]
     out = subprocess.run([*command, "verify", "--tier", local.as_uri()], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 1, out.stderr
-    assert f"FAULT  file  step 3  tensor {meta.path}  chunk {meta.chunks[0].file}@" in out.stdout
+    assert f"FAULT  file  step 3  tensor {meta.path}  chunk {file}@{offset}" in out.stdout
     assert "Traceback" not in out.stderr
 
 

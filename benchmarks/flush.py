@@ -1,0 +1,137 @@
+"""Local-tier flush throughput versus raw sequential write + fsync of the same bytes.
+
+Side by side in one process run, on the same disk:
+  raw      a plain loop of large os.write calls + fsync (the disk's own figure);
+  shapes   (a) 8 large tensors, (b) 20,000 tensors of 4-64 KiB;
+  flush    the local tier's flush of each state, batched (B* from the cost model) and
+           unbatched (one file per tensor), timed from the host commit to durable.
+Prints throughput as a fraction of raw; writes benchmarks/results/flush.json.
+
+    python benchmarks/flush.py                # 1 GiB of state
+    python benchmarks/flush.py --size 64MiB   # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import asymcheck
+from asymcheck.policy import parse_size
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class TensorBag:
+    """A state of plain tensors (anything with state_dict/load_state_dict is checkpointed)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.tensors
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.tensors = state
+
+
+def shapes(total: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    large = {f"large{i}": torch.randn(total // 8 // 4, generator=g) for i in range(8)}
+    small: dict[str, torch.Tensor] = {}
+    sizes = torch.randint(4 << 10, (64 << 10) + 1, (20_000,), generator=g)
+    scale = min(1.0, total / float(sizes.sum()))
+    for i, n in enumerate(sizes.tolist()):
+        small[f"small{i:05d}"] = torch.randn(max(1, int(n * scale) // 4), generator=g)
+    return {"8 large tensors": large, "20k small tensors": small}
+
+
+def raw_write_gbps(directory: Path, nbytes: int, block: int = 8 << 20) -> float:
+    buf = os.urandom(block)
+    path = directory / f"raw-{uuid.uuid4().hex}"
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        written = 0
+        while written < nbytes:
+            written += os.write(fd, buf[:min(block, nbytes - written)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return nbytes / seconds / 1e9
+
+
+def flush_gbps(directory: Path, state: dict[str, torch.Tensor], batch: str) -> dict[str, Any]:
+    nbytes = sum(t.nbytes for t in state.values())
+    work = directory / f"flush-{uuid.uuid4().hex[:8]}"
+    policy = asymcheck.Policy(tiers=(
+        asymcheck.TierPolicy(name="host", url=f"shm://asymcheck-bench-{work.name}", keep=1,
+                             capacity_bytes=4 * nbytes),
+        asymcheck.TierPolicy(name="local", url=f"file://{work}", keep=1,
+                             batch_bytes=batch if batch in ("auto", "off") else parse_size(batch)),
+    ))
+    with asymcheck.Checkpointer(None, None, policy=policy, extras={"state": TensorBag(state)},
+                                mode="naive") as ckpt:
+        ckpt.save_sync(0).wait_all_sync(600)  # warm-up: pages faulted in, fits seeded
+        h = ckpt.save_sync(1)
+        h.staged.wait(600)
+        t_staged = time.perf_counter()
+        h.durable("local").wait(600)
+        seconds = time.perf_counter() - t_staged
+        host_dir = ckpt.host.directory
+    files = sum(1 for p in work.rglob("*.bin"))
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(host_dir, ignore_errors=True)
+    return {"bytes": nbytes, "seconds": seconds, "gbps": nbytes / seconds / 1e9,
+            "files": files, "batch_bytes": h.metrics.get("local.batch_bytes"),
+            "fit": h.metrics.get("local.fit")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", default="1GiB", help="bytes of state per shape")
+    p.add_argument("--dir", default=None, help="a directory on the disk to measure")
+    p.add_argument("--out", default=str(RESULTS / "flush.json"))
+    args = p.parse_args(argv)
+    total = parse_size(args.size)
+    base = Path(args.dir or tempfile.mkdtemp(prefix="asymcheck-flush-", dir=".")).absolute()
+    base.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for name, state in shapes(total).items():
+            nbytes = sum(t.nbytes for t in state.values())
+            raw = raw_write_gbps(base, nbytes)
+            for batch in ("auto", "off"):
+                r = flush_gbps(base, state, batch)
+                r.update(shape=name, batching="batched" if batch == "auto" else "unbatched",
+                         raw_gbps=raw, fraction_of_raw=r["gbps"] / raw)
+                rows.append(r)
+                print(f"{name:18s} {r['batching']:9s} {nbytes / 2**20:7.0f} MiB  "
+                      f"raw {raw:5.2f} GB/s  flush {r['gbps']:5.2f} GB/s  "
+                      f"= {r['fraction_of_raw']:.2f} of raw  ({r['files']} files, "
+                      f"B* {r['batch_bytes']})", flush=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"size": total, "rows": rows}, indent=2, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
