@@ -340,6 +340,7 @@ class FlushScheduler:
         job.handle.metrics[f"{tier.name}.stored_bytes"] = stored_total
         job.handle.metrics[f"{tier.name}.batch_bytes"] = target
         job.handle.metrics[f"{tier.name}.fit"] = fit.to_dict()
+        job.handle.metrics[f"{tier.name}.compression"] = compression
         await self._advance_base(st, man, full=base is None)
         log.debug("step %d durable on %s (%d -> %d bytes)", man.step, tier.name, raw_total,
                   stored_total)
