@@ -9,6 +9,7 @@ from .handle import Completion, SaveHandle
 from .manifest import Manifest, ManifestError
 from .policy import CompressionPolicy, Policy, PolicyError, TierPolicy, default_policy, load_policy
 from .restore import RestoreError
+from .schedule import TierSkipped
 
 __all__ = [
     "CheckpointError",
@@ -22,6 +23,7 @@ __all__ = [
     "RestoreError",
     "SaveHandle",
     "TierPolicy",
+    "TierSkipped",
     "default_policy",
     "load_policy",
 ]
