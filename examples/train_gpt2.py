@@ -3,10 +3,15 @@
     python examples/train_gpt2.py --demo            # train, kill -9 mid-run, resume, compare
     python examples/train_gpt2.py --steps 40 --every 5
     python examples/train_gpt2.py --steps 40 --every 5 --resume
+    python examples/train_gpt2.py --nproc 2 --steps 40 --every 5 [--resume] [--crash-at 12]
 
-The data for step s is generated from (seed, s), so a resumed run sees the same
+The data for step s is generated from (seed, s, rank), so a resumed run sees the same
 batches; dropout draws from the global RNG, which the checkpoint restores. The
 demo proves the resumed losses equal an uninterrupted run's, bit for bit.
+
+``--nproc N`` trains with N processes (torch.multiprocessing, gloo on loopback,
+DistributedDataParallel): every rank checkpoints its shard, rank 0 alone writes the
+replicated model, and a checkpoint commits once every rank's shard is durable.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -43,28 +49,33 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimi
     return model, optimizer, scheduler
 
 
-def batch_for(step: int, args: argparse.Namespace) -> torch.Tensor:
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+def batch_for(step: int, args: argparse.Namespace, rank: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step + rank * 1_000_000_007)
     return torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=g)
 
 
-def train(args: argparse.Namespace) -> int:
+def train(args: argparse.Namespace, rank: int = 0) -> int:
     model, optimizer, scheduler = build(args)
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model)
     policy = args.policy or asymcheck.default_policy(args.dir)
-    log_file = open(args.log, "a") if args.log else None  # noqa: SIM115
+    log_file = open(args.log, "a") if args.log and rank == 0 else None  # noqa: SIM115
+    say = print if rank == 0 else (lambda *a, **k: None)
     with asymcheck.Checkpointer(model, optimizer, policy=policy,
-                                extras={"scheduler": scheduler}) as ckpt:
+                                extras={"scheduler": scheduler},
+                                replicated=("model",) if distributed else ()) as ckpt:
         start = 0
         if args.resume:
             t0 = time.perf_counter()
-            restored = ckpt.restore_sync()
+            restored = ckpt.restore_sync()  # with several ranks: all restore the same step
             if restored is None:
-                print("no committed checkpoint found: starting from step 0")
+                say("no committed checkpoint found: starting from step 0")
             else:
                 start = restored + 1
-                print(f"restored step {restored} in {time.perf_counter() - t0:.2f} s")
+                say(f"restored step {restored} in {time.perf_counter() - t0:.2f} s")
         for step in range(start, args.steps):
-            batch = batch_for(step, args)
+            batch = batch_for(step, args, rank)
             loss = model(batch, labels=batch).loss
             loss.backward()
             optimizer.step()
@@ -75,13 +86,45 @@ def train(args: argparse.Namespace) -> int:
                 log_file.flush()
             if step % args.every == 0 or step == args.steps - 1:
                 handle = ckpt.save_sync(step)
-                print(f"step {step:4d}  loss {loss.item():.4f}  checkpoint stall "
-                      f"{handle.stall_s * 1e3:.1f} ms", flush=True)
+                say(f"step {step:4d}  loss {loss.item():.4f}  checkpoint stall "
+                    f"{handle.stall_s * 1e3:.1f} ms", flush=True)
             if step == args.crash_at:
-                print(f"step {step:4d}  simulating a crash: SIGKILL", flush=True)
+                say(f"step {step:4d}  simulating a crash: SIGKILL", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
     if log_file:
         log_file.close()
+    return 0
+
+
+def _rank_main(rank: int, args: argparse.Namespace, store: str) -> None:
+    logging.basicConfig(level=logging.WARNING, format=f"rank {rank} %(levelname)s %(name)s: "
+                        "%(message)s")
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.nproc))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=args.nproc)
+    try:
+        train(args, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def train_ranks(args: argparse.Namespace) -> int:
+    """Train with ``args.nproc`` processes; a rank killed by SIGKILL takes this process too."""
+    import torch.multiprocessing as mp
+
+    work = Path(tempfile.mkdtemp(prefix="asymcheck-pg-"))
+    killed = False
+    try:
+        mp.spawn(_rank_main, args=(args, str(work / "store")), nprocs=args.nproc)
+    except mp.ProcessExitedException as e:
+        if e.signal_name != "SIGKILL":
+            raise
+        killed = True
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if killed:
+        os.kill(os.getpid(), signal.SIGKILL)
     return 0
 
 
@@ -97,7 +140,8 @@ def demo(args: argparse.Namespace) -> int:
     """Uninterrupted run vs. a run killed with SIGKILL and resumed: losses must match."""
     work = Path(tempfile.mkdtemp(prefix="asymcheck-demo-"))
     common = [sys.executable, __file__, "--steps", str(args.steps), "--every", str(args.every),
-              "--layers", str(args.layers), "--width", str(args.width)]
+              "--layers", str(args.layers), "--width", str(args.width),
+              "--nproc", str(args.nproc)]
     try:
         print(f"== uninterrupted run of {args.steps} steps")
         subprocess.run([*common, "--dir", str(work / "ref"), "--log", str(work / "ref.jsonl")],
@@ -120,9 +164,10 @@ def demo(args: argparse.Namespace) -> int:
     finally:
         for d in ("ref", "run"):
             if (work / d).exists():
-                cleanup = asymcheck.default_policy(work / d).staging.url.removeprefix("shm://")
-                shutil.rmtree(Path(os.environ.get("ASYMCHECK_SHM_ROOT", "/dev/shm")) / cleanup,
-                              ignore_errors=True)
+                name = asymcheck.default_policy(work / d).staging.url.removeprefix("shm://")
+                root = Path(os.environ.get("ASYMCHECK_SHM_ROOT", "/dev/shm"))
+                for shm in root.glob(f"{name}*"):  # with several ranks, NAME-rank<r> too
+                    shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -142,10 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train with N processes (gloo, DistributedDataParallel)")
     args = p.parse_args(argv)
+    if args.nproc < 1:
+        p.error(f"--nproc must be >= 1, got {args.nproc}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     transformers.logging.set_verbosity_error()
-    return demo(args) if args.demo else train(args)
+    if args.demo:
+        return demo(args)
+    return train_ranks(args) if args.nproc > 1 else train(args)
 
 
 if __name__ == "__main__":
