@@ -18,6 +18,7 @@ import asymcheck
 from asymcheck import cli
 from asymcheck.manifest import Manifest, manifest_key
 from tests._util import assert_same, make_training, snapshot, train_steps
+from tests.tiers.tier_cases import hdfs_base_url
 from tiers.registry import open_tier
 
 
@@ -380,15 +381,6 @@ def test_console_script_reports_a_fault_with_exit_code_1(
     assert out.returncode == 1, out.stderr
     assert f"FAULT  file  step 3  tensor {meta.path}  chunk {file}@{offset}" in out.stdout
     assert "Traceback" not in out.stderr
-
-
-def hdfs_base_url() -> str:
-    url = os.environ.get("ASYMCHECK_TEST_HDFS")
-    if url:
-        return url.rstrip("/")
-    if os.environ.get("CI") == "true":
-        pytest.fail("ASYMCHECK_TEST_HDFS is not set: the MiniDFS cluster must be running in CI")
-    pytest.skip("ASYMCHECK_TEST_HDFS is not set (start MiniDFS: scripts/minidfs.sh start)")
 
 
 @pytest.mark.hdfs
