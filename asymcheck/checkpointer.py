@@ -238,6 +238,12 @@ class Checkpointer:
         for d in sorted(dirs - committed):
             log.info("removing uncommitted %s from tier %s", d, tier.name)
             await tier.delete_prefix(d + "/")
+        remove_stale = getattr(tier, "remove_stale_tmp", None)
+        if remove_stale is not None:  # HDFS: tmp files of writes cut off by a crash
+            try:
+                await remove_stale()  # only those older than an hour: never a live write
+            except Exception as e:
+                log.warning("tier %s: stale tmp files not removed: %s", tier.name, e)
 
     # ------------------------------------------------------------------- save
     def _capture(self) -> dict[str, Any]:

@@ -4,11 +4,18 @@
 #   scripts/minidfs.sh start    # prints ASYMCHECK_TEST_HDFS=hdfs://127.0.0.1:<port> on stdout
 #   scripts/minidfs.sh status   # exit 0 when running
 #   scripts/minidfs.sh stop
+#   scripts/minidfs.sh kill     # SIGKILL the cluster process (a crash: nothing is flushed)
+#   scripts/minidfs.sh resume   # start again on the file system of the last run, unformatted
+#   scripts/minidfs.sh freeze   # SIGSTOP the cluster process (a hung NameNode + DataNode) ...
+#   scripts/minidfs.sh thaw     # ... and SIGCONT it
+#   scripts/minidfs.sh restart  # stop, then start (fresh)
 #
 #   export "$(scripts/minidfs.sh start)" && .venv/bin/pytest tests/tiers; scripts/minidfs.sh stop
 #
 # Needs java (11+) and, the first time, mvn to fetch the jars (.ci/hdfs/pom.xml -> .ci/hdfs/lib).
-# Every start formats a fresh, empty file system; state lives in .minidfs/ (ignored by git).
+# `start` formats a fresh, empty file system; `resume` keeps the NameNode's metadata (fsimage +
+# edit log) and the DataNode's blocks of the previous run, so what was committed before a stop
+# or a kill is visible again. State lives in .minidfs/ (ignored by git).
 #
 # Environment:
 #   MINIDFS_NN_PORT        NameNode RPC port            (default 9000)
@@ -36,25 +43,35 @@ MAIN=org.apache.hadoop.test.MiniDFSClusterManager
 say() { echo "minidfs: $*" >&2; }
 die() { say "$*"; exit 1; }
 
+# Whether process $1 is alive and is our cluster (a dead, unreaped one has an empty cmdline).
+is_cluster() {
+  kill -0 "$1" 2>/dev/null || return 1
+  tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q "$MAIN"
+}
+
 # The pid from the pid file, only if that process is still our cluster (pids get reused).
 running_pid() {
   [[ -f "$PIDFILE" ]] || return 1
   local pid
   pid="$(cat "$PIDFILE" 2>/dev/null)" || return 1
   [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  kill -0 "$pid" 2>/dev/null || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "$MAIN" || return 1
+  is_cluster "$pid" || return 1
   echo "$pid"
 }
 
 port_busy() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 
+# Ready: WebHDFS answers, a DataNode is live, and the NameNode is out of safe mode (after a
+# resume it stays read-only until the DataNode has reported its blocks).
 webhdfs_ready() {
   curl -fsS --max-time 5 "http://$HOST:$HTTP_PORT/webhdfs/v1/?op=LISTSTATUS" 2>/dev/null \
     | grep -q '"FileStatuses"' || return 1
   curl -fsS --max-time 5 \
     "http://$HOST:$HTTP_PORT/jmx?qry=Hadoop:service=NameNode,name=FSNamesystemState" 2>/dev/null \
-    | grep -Eq '"NumLiveDataNodes" *: *[1-9]'
+    | grep -Eq '"NumLiveDataNodes" *: *[1-9]' || return 1
+  curl -fsS --max-time 5 \
+    "http://$HOST:$HTTP_PORT/jmx?qry=Hadoop:service=NameNode,name=NameNodeInfo" 2>/dev/null \
+    | grep -Eq '"Safemode" *: *""'
 }
 
 log_tail() {
@@ -82,12 +99,19 @@ ensure_jars() {
   say "jars fetched in $((SECONDS - t0)) s"
 }
 
+# start [resume]: launch the cluster; formats a fresh file system unless "resume" is given.
 start() {
-  local pid
+  local mode="${1:-fresh}" pid
   if pid="$(running_pid)"; then
     say "already running (pid $pid)"
     echo "ASYMCHECK_TEST_HDFS=hdfs://$HOST:$NN_PORT"
     return 0
+  fi
+  local format=-format
+  if [[ "$mode" == resume ]]; then
+    [[ -d "$STATE/work/data/dfs/name-0-1/current" ]] \
+      || die "no file system of an earlier run in $STATE/work to resume (use start)"
+    format=
   fi
   command -v java >/dev/null || die "java not found on PATH"
   command -v curl >/dev/null || die "curl not found on PATH"
@@ -98,9 +122,14 @@ start() {
 
   local t0=$SECONDS
   mkdir -p "$STATE"
-  rm -rf "$STATE/work" "$STATE/conf" "$PIDFILE"
+  if [[ -n "$format" ]]; then
+    rm -rf "$STATE/work"
+    : >"$LOG"
+  else
+    echo "---- resumed $(date -Is)" >>"$LOG"
+  fi
+  rm -rf "$STATE/conf" "$PIDFILE"
   mkdir -p "$STATE/work" "$STATE/conf"
-  : >"$LOG"
 
   # shellcheck disable=SC2086  # JAVA_OPTS is a list of options
   (
@@ -111,7 +140,7 @@ start() {
       -Dtest.build.data="$STATE/work/data" \
       -Dhadoop.tmp.dir="$STATE/work/tmp" \
       -cp "$LIB/*" "$MAIN" \
-      -format -datanodes 1 -nnport "$NN_PORT" -httpport "$HTTP_PORT" \
+      $format -datanodes 1 -nnport "$NN_PORT" -httpport "$HTTP_PORT" \
       -D dfs.replication=1 \
       -D dfs.permissions.enabled=false \
       -D "hdfs.minidfs.basedir=$STATE/work/data/dfs" \
@@ -150,18 +179,46 @@ stop() {
     say "not running"
     return 0
   fi
+  kill -CONT "$pid" 2>/dev/null || true  # a frozen cluster cannot handle SIGTERM
   kill -TERM "$pid" 2>/dev/null || true
   for _ in $(seq 1 60); do
-    kill -0 "$pid" 2>/dev/null || break
+    is_cluster "$pid" || break
     sleep 0.5
   done
-  if kill -0 "$pid" 2>/dev/null; then
+  if is_cluster "$pid"; then
     say "still alive after 30 s; sending SIGKILL to $pid"
     kill -KILL "$pid" 2>/dev/null || true
     sleep 0.5
   fi
   rm -f "$PIDFILE"
   say "stopped (pid $pid)"
+}
+
+# A crash: SIGKILL, no shutdown hooks, the NameNode's in-memory state is lost (its edit log,
+# synced on every change, is what a resume replays).
+kill_now() {
+  local pid
+  if ! pid="$(running_pid)"; then
+    rm -f "$PIDFILE"
+    say "not running"
+    return 0
+  fi
+  kill -KILL "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    is_cluster "$pid" || break
+    sleep 0.05
+  done
+  is_cluster "$pid" && die "process $pid survived SIGKILL"
+  rm -f "$PIDFILE"
+  say "killed (pid $pid)"
+}
+
+# freeze|thaw: SIGSTOP/SIGCONT, a cluster that hangs: connections open, no answers.
+signal_cluster() {
+  local pid
+  pid="$(running_pid)" || die "not running"
+  kill "-$1" "$pid"
+  say "sent SIG$1 to $pid"
 }
 
 status() {
@@ -181,8 +238,12 @@ status() {
 
 case "${1:-}" in
   start) start ;;
+  resume) start resume ;;
   stop) stop ;;
+  kill) kill_now ;;
+  freeze) signal_cluster STOP ;;
+  thaw) signal_cluster CONT ;;
   status) status ;;
   restart) stop; start ;;
-  *) echo "usage: $0 start|stop|status|restart" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|kill|resume|freeze|thaw|restart" >&2; exit 2 ;;
 esac

@@ -12,9 +12,12 @@ Every failure becomes a :class:`TierError` (or :class:`KeyNotFound`) that names 
 URL and the key, in bounded time:
 
 * each client call (one RPC, or the transfer of at most ``chunk_bytes``) must finish within
-  ``timeout_s``; the deadline is ``asyncio.timeout`` in the calling task, not
-  ``asyncio.wait_for``, which on Python <= 3.11 can lose a cancellation of the caller when the
-  inner call completes at the same moment (a cancelled put would then carry on and commit);
+  ``timeout_s``, so an operation fails about ``timeout_s`` after a hung cluster stopped
+  answering, and at once when the cluster is down (connection refused or reset); a put that
+  ran out of time deletes its temporary file in the background, not before it raises;
+* the deadline is ``asyncio.timeout`` in the calling task, not ``asyncio.wait_for``, which
+  on Python <= 3.11 can lose a cancellation of the caller when the inner call completes at
+  the same moment (a cancelled put would then carry on and commit);
 * the client's own NameNode retry loop is off by default
   (``dfs.client.failover.max.attempts=0``): in hdfs-native 0.14 the async client's retry path
   panics (``pyo3_runtime.PanicException``, a ``BaseException``) when a NameNode is unreachable;
@@ -29,7 +32,8 @@ threads deadlock (seen with hdfs-native 0.14.7). ``close()`` therefore releases 
 
 Options (keyword arguments, e.g. from the tier policy file): ``timeout_s`` (default 60),
 ``config`` (``dict[str, str]`` of Hadoop client settings, merged over the defaults below),
-``chunk_bytes`` (default 8 MiB), ``replication`` and ``block_size`` for new files.
+``chunk_bytes`` (default 8 MiB; a put copies one chunk at a time into ``bytes`` for the
+client), ``replication`` and ``block_size`` for new files.
 """
 
 from __future__ import annotations
@@ -133,6 +137,11 @@ def _is_panic(exc: BaseException) -> bool:
     """True for pyo3's ``PanicException`` (a Rust panic surfacing as a BaseException)."""
     return any(cls.__name__ == "PanicException" and cls.__module__ == "pyo3_runtime"
                for cls in type(exc).__mro__)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is a call that ran past ``timeout_s`` (see ``HdfsTier._fail``)."""
+    return isinstance(exc, TierError) and isinstance(exc.__cause__, asyncio.TimeoutError)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -266,8 +275,9 @@ class HdfsTier(Tier):
         except BaseException as exc:
             self._fail(op, key, exc)
 
-    async def _discard(self, path: str, key: str) -> None:
-        """Best-effort delete of a temporary file; survives a second cancellation."""
+    async def _discard(self, path: str, key: str, *, wait: bool = True) -> None:
+        """Best-effort delete of a temporary file; survives a second cancellation. With
+        ``wait=False`` it only starts the delete (``close()`` waits for it)."""
         async def remove() -> None:
             try:
                 client = self._get_client("discard", key)
@@ -281,6 +291,8 @@ class HdfsTier(Tier):
         task = asyncio.ensure_future(remove())
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
+        if not wait:
+            return
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -307,11 +319,17 @@ class HdfsTier(Tier):
             step = self.chunk_bytes
             for part in parts:
                 for start in range(0, part.nbytes, step):
-                    await self._call("put", key, writer.write(part[start:start + step]))
+                    # bytes, not a memoryview: hdfs-native takes bytes/bytearray in one copy
+                    # but walks any other buffer byte by byte (~10x slower, all CPU).
+                    chunk = bytes(part[start:start + step])
+                    await self._call("put", key, writer.write(chunk))
             await self._call("put", key, writer.close())
             await self._call("put", key, client.rename(tmp, path, True))
-        except BaseException:
-            await self._discard(tmp, key)
+        except BaseException as exc:
+            # After a call ran out of time the cluster is not answering: report that now and
+            # delete the temporary file in the background, or the caller would wait a second
+            # ``timeout_s`` for a delete that most likely fails too.
+            await self._discard(tmp, key, wait=not _timed_out(exc))
             raise
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:

@@ -1,0 +1,440 @@
+"""End to end through HDFS: the GPT-2 example with a host + local + HDFS policy, and a NameNode
+that dies (SIGKILL) in the middle of a flush.
+
+Needs the MiniDFS cluster: ``export "$(scripts/minidfs.sh start)"`` sets ``ASYMCHECK_TEST_HDFS``
+(unset: skipped, or failed when ``CI=true``). The fault test kills and resumes that cluster
+through ``scripts/minidfs.sh`` and leaves it running at the same URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import torch
+
+import asymcheck
+from asymcheck.manifest import manifest_key, step_dir
+from asymcheck.policy import TierPolicy
+from asymcheck.restore import committed_steps
+from tests._util import assert_same, make_training, snapshot, train_steps
+from tests.tiers.tier_cases import hdfs_base_url
+
+pytest.importorskip("hdfs_native")
+
+from tiers.base import Payload, TierError
+from tiers.hdfs import HdfsTier, _shared_client
+
+pytestmark = pytest.mark.hdfs
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "train_gpt2.py"
+MINIDFS = REPO / "scripts" / "minidfs.sh"
+
+#: The HDFS tier's per-call deadline in the fault test (policy ``options``).
+FAULT_TIMEOUT_S = 10.0
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _delete_tree(url: str) -> None:
+    async with HdfsTier(url) as tier:
+        await tier.delete_prefix("")
+        await tier.remove_stale_tmp(older_than_s=0)
+
+
+async def _raw_files(url: str) -> list[str]:
+    """Every file under the tier's directory, temporary ones included."""
+    tier = HdfsTier(url)
+    client = _shared_client(tier._fs_url, tier.config)
+    base = tier._base
+    try:
+        return sorted([st.path[len(base) + 1:] async for st in client.list_status(base, True)
+                       if not st.isdir])
+    except FileNotFoundError:
+        return []
+    finally:
+        await tier.close()
+
+
+@pytest.fixture
+def hdfs_url() -> Iterator[str]:
+    """A fresh directory on the test cluster, removed afterwards."""
+    url = f"{hdfs_base_url()}/e2e-{uuid.uuid4().hex[:12]}"
+    yield url
+    _run(_delete_tree(url))
+
+
+# -------------------------------------------------------------- the GPT-2 example
+
+
+def _load_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("asymcheck_example_train_gpt2", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+EXAMPLE_ARGS = {"steps": 6, "every": 1, "layers": 2, "width": 128, "vocab": 2048,
+                "seq_len": 64, "batch": 8, "seed": 1234}
+
+
+def _replay(example: ModuleType, last: int) -> tuple[dict[str, Any], torch.Tensor,
+                                                      dict[int, str]]:
+    """The example's training loop, in this process and without checkpoints, up to step
+    ``last``: a deep copy of the state after that step, the torch RNG state, and the losses."""
+    args = argparse.Namespace(**EXAMPLE_ARGS)
+    model, optimizer, scheduler = example.build(args)
+    losses = {}
+    for step in range(last + 1):
+        batch = example.batch_for(step, args)
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        losses[step] = loss.item().hex()
+    return snapshot(model, optimizer, scheduler), torch.get_rng_state(), losses
+
+
+def test_gpt2_example_restores_from_hdfs_alone(tmp_path: Path, shm_root: Path,
+                                               hdfs_url: str) -> None:
+    host_name = f"e2e-{uuid.uuid4().hex[:12]}"
+    local = tmp_path / "local"
+    policy_file = tmp_path / "tiers.toml"
+    policy_file.write_text(f"""\
+[[tier]]
+name = "host"
+url = "shm://{host_name}"
+capacity = "256MiB"
+keep = 2
+
+[[tier]]
+name = "local"
+url = "{local.as_uri()}"
+keep = 3
+
+[[tier]]
+name = "hdfs"
+url = "{hdfs_url}"
+keep = 3
+every = 2
+options = {{ timeout_s = 30 }}
+""")
+    log = tmp_path / "losses.jsonl"
+    cli = [f"--{k.replace('_', '-')}={v}" for k, v in EXAMPLE_ARGS.items()]
+    out = subprocess.run([sys.executable, str(EXAMPLE), *cli, "--policy", str(policy_file),
+                          "--log", str(log)], capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    # Steps 0..5 were saved; every second save went to HDFS: steps 0, 2 and 4.
+    async def hdfs_steps() -> list[int]:
+        async with HdfsTier(hdfs_url) as tier:
+            return await committed_steps(tier)
+    assert _run(hdfs_steps()) == [0, 2, 4]
+    assert (local / step_dir(5) / "manifest.msgpack").is_file()
+    host_dir = shm_root / host_name
+    assert (host_dir / step_dir(5) / "manifest.msgpack").is_file()
+
+    # The reference: the same training replayed here, checked against the example's losses.
+    example = _load_example()
+    expected, rng, losses = _replay(example, 4)
+    logged = example.read_losses(log)
+    assert {s: logged[s] for s in losses} == losses, "the replay diverged from the example"
+
+    # Lose the host copy and the local disk: only HDFS is left.
+    shutil.rmtree(host_dir)
+    shutil.rmtree(local)
+    args = argparse.Namespace(**EXAMPLE_ARGS)
+    model, optimizer, scheduler = example.build(args)
+    torch.manual_seed(99)  # the restore must bring the RNG back, not the seed of build()
+    with asymcheck.Checkpointer(model, optimizer, policy=policy_file,
+                                extras={"scheduler": scheduler}) as ckpt:
+        loaded = ckpt.load_sync()
+        assert loaded is not None and loaded.step == 4
+        assert loaded.sources == {"hdfs": len(loaded.manifest.tensors)}
+        assert ckpt.restore_sync() == 4
+    assert_same(expected, snapshot(model, optimizer, scheduler))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+# --------------------------------------------------------- a NameNode killed mid-flush
+
+
+def _minidfs(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(MINIDFS), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _cluster_running(url: str) -> bool:
+    out = _minidfs("status", timeout=30)
+    return out.returncode == 0 and f"ASYMCHECK_TEST_HDFS={url}" in out.stdout.split()
+
+
+@pytest.fixture
+def minidfs(hdfs_url: str) -> Iterator[str]:
+    """The URL of the cluster that ``scripts/minidfs.sh`` runs (the one this test may kill);
+    afterwards it runs again at the same URL, its file system kept (resume), else fresh."""
+    parts = urlsplit(hdfs_url)
+    cluster = f"{parts.scheme}://{parts.netloc}"
+    if not _cluster_running(cluster):
+        msg = (f"{cluster} is not the cluster of scripts/minidfs.sh (the fault test kills and "
+               "resumes that one)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    try:
+        yield cluster
+    finally:
+        _minidfs("thaw", timeout=30)  # in case a test stopped between freeze and thaw
+        if not _cluster_running(cluster):
+            resumed = _minidfs("resume")
+            if resumed.returncode != 0:
+                started = _minidfs("start")
+                assert started.returncode == 0, (
+                    f"could not bring MiniDFS back:\n{resumed.stderr}\n{started.stderr}")
+        assert _cluster_running(cluster)
+
+
+class _FaultDuringFlush:
+    """Wraps ``HdfsTier.put``: reports when the data of ``step`` starts to flow, and holds the
+    commit (its manifest) until the fault was injected, so the fault always lands mid-flush."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.data_started = threading.Event()
+        self.injected = threading.Event()
+        self.data_puts = {"ok": 0, "failed": 0}
+        self._put = HdfsTier.put
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        async def put(tier: HdfsTier, key: str, data: Payload) -> None:
+            await self.put(tier, key, data)
+        monkeypatch.setattr(HdfsTier, "put", put)
+
+    async def put(self, tier: HdfsTier, key: str, data: Payload) -> None:
+        if not key.startswith(step_dir(self.step) + "/"):
+            return await self._put(tier, key, data)
+        if key == manifest_key(self.step):
+            await asyncio.to_thread(self.injected.wait, 60)
+            return await self._put(tier, key, data)
+        self.data_started.set()
+        try:
+            await self._put(tier, key, data)
+        except BaseException:
+            self.data_puts["failed"] += 1
+            raise
+        self.data_puts["ok"] += 1
+
+    def inject(self, command: str) -> float:
+        """Wait for the flush, run ``scripts/minidfs.sh command``; the time it was started."""
+        try:
+            assert self.data_started.wait(60), f"the flush of step {self.step} never started"
+            t0 = time.monotonic()
+            out = _minidfs(command, timeout=30)
+            assert out.returncode == 0, out.stderr
+        finally:
+            self.injected.set()  # never leave the commit waiting
+        return t0
+
+
+def _policy_file(tmp_path: Path, hdfs_url: str, timeout_s: float) -> Path:
+    path = tmp_path / "tiers.toml"
+    path.write_text(f"""\
+[[tier]]
+name = "host"
+url = "shm://fault-{uuid.uuid4().hex[:12]}"
+capacity = "1GiB"
+keep = 2
+
+[[tier]]
+name = "local"
+url = "{(tmp_path / 'local').as_uri()}"
+keep = 5
+
+[[tier]]
+name = "hdfs"
+url = "{hdfs_url}"
+keep = 5
+batch = "8MiB"
+options = {{ timeout_s = {timeout_s:g}, chunk_bytes = 1048576 }}
+""")
+    return path
+
+
+def test_namenode_killed_during_a_flush(tmp_path: Path, minidfs: str, hdfs_url: str,
+                                        monkeypatch: pytest.MonkeyPatch,
+                                        record_property: Any) -> None:
+    policy_file = _policy_file(tmp_path, hdfs_url, FAULT_TIMEOUT_S)
+    model, opt, sched = make_training(seed=5, width=1536)  # ~57 MB of state
+    ckpt = asymcheck.Checkpointer(model, opt, policy=policy_file, extras={"sched": sched})
+    closed = False
+    try:
+        train_steps(model, opt, sched, 1)
+        ckpt.save_sync(1).durable("hdfs").wait(60)
+
+        # Step 2: SIGKILL the cluster once its data is on the way.
+        fault = _FaultDuringFlush(2)
+        with monkeypatch.context() as patch:
+            fault.install(patch)
+            train_steps(model, opt, sched, 1)
+            h2 = ckpt.save_sync(2)
+            t_kill = fault.inject("kill")
+            with pytest.raises(TierError) as info:
+                h2.durable("hdfs").wait(FAULT_TIMEOUT_S + 20)
+            detect_s = time.monotonic() - t_kill
+        h2.durable("local").wait(60)
+        assert detect_s < FAULT_TIMEOUT_S + 5, f"the failure took {detect_s:.1f} s to surface"
+
+        # Training and the local tier go on while HDFS is down; HDFS saves fail fast.
+        down_s = []
+        for step in (3, 4):
+            train_steps(model, opt, sched, 1)
+            t0 = time.monotonic()
+            h = ckpt.save_sync(step)
+            with pytest.raises(TierError):
+                h.durable("hdfs").wait(FAULT_TIMEOUT_S + 20)
+            down_s.append(time.monotonic() - t0)
+            h.durable("local").wait(60)
+        assert (tmp_path / "local" / step_dir(4) / "manifest.msgpack").is_file()
+
+        # The cluster comes back with its file system: the failed steps were never committed.
+        t0 = time.monotonic()
+        resumed = _minidfs("resume")
+        assert resumed.returncode == 0, resumed.stderr
+        resume_s = time.monotonic() - t0
+
+        async def after_restart() -> tuple[list[int], list[str]]:
+            async with HdfsTier(hdfs_url) as tier:
+                return await committed_steps(tier), await tier.list()
+        steps, keys = _run(after_restart())
+        assert steps == [1]
+        assert not [k for k in keys if k.startswith(("step-000000000003", "step-000000000004"))]
+        leftovers = [k for k in keys if k.startswith(step_dir(2) + "/")]
+        assert manifest_key(2) not in leftovers  # data without a manifest: invisible to restore
+
+        # The same Checkpointer (and its HDFS client) commits the next save there.
+        train_steps(model, opt, sched, 1)
+        expected = snapshot(model, opt, sched)
+        h5 = ckpt.save_sync(5)
+        h5.durable("hdfs").wait(60)
+        h5.durable("local").wait(60)
+        closed = True
+        with pytest.raises(asymcheck.CheckpointError, match="3 checkpoint operation"):
+            ckpt.close_sync()  # the three HDFS failures, reported once
+    finally:
+        if not closed:
+            with contextlib.suppress(asymcheck.CheckpointError):
+                ckpt.close_sync()
+
+    # A new job that has only HDFS restores step 5; opening the tier drops step 2's leftovers.
+    only_hdfs = asymcheck.Policy(tiers=(
+        TierPolicy(name="host", url=f"shm://fault-new-{uuid.uuid4().hex[:12]}"),
+        TierPolicy(name="hdfs", url=hdfs_url, options={"timeout_s": FAULT_TIMEOUT_S})))
+    model2, opt2, sched2 = make_training(seed=6, width=1536)
+    with asymcheck.Checkpointer(model2, opt2, policy=only_hdfs, extras={"sched": sched2}) as c2:
+        loaded = c2.load_sync()
+        assert loaded is not None and loaded.step == 5
+        assert loaded.sources == {"hdfs": len(loaded.manifest.tensors)}
+        assert c2.restore_sync() == 5
+    assert_same(expected, snapshot(model2, opt2, sched2))
+
+    async def final_state() -> tuple[list[int], list[str], int, list[str]]:
+        async with HdfsTier(hdfs_url) as tier:
+            steps, keys = await committed_steps(tier), await tier.list()
+            stale = await tier.remove_stale_tmp(older_than_s=0)
+        return steps, keys, stale, await _raw_files(hdfs_url)
+    steps, keys, stale, raw = _run(final_state())
+    assert steps == [1, 5]
+    assert {k.split("/", 1)[0] for k in keys} == {step_dir(1), step_dir(5)}
+    assert {k.split("/", 1)[0] for k in raw} == {step_dir(1), step_dir(5)}
+
+    summary = (f"NameNode SIGKILL mid-flush: HDFS durable failed {detect_s:.2f} s after the kill "
+               f"({info.value}); "
+               f"step-2 data puts ok/failed {fault.data_puts['ok']}/{fault.data_puts['failed']}; "
+               f"saves while down failed {', '.join(f'{s:.3f}' for s in down_s)} s after "
+               f"save_sync; "
+               f"resume took {resume_s:.1f} s; step-2 leftovers after restart: {len(leftovers)} "
+               f"key(s); stale tmp files removed: {stale}")
+    record_property("fault_summary", summary)
+    print(summary)
+
+
+def test_hung_namenode_fails_within_timeout(tmp_path: Path, minidfs: str, hdfs_url: str,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            record_property: Any) -> None:
+    """A cluster that stops answering (SIGSTOP) mid-flush: the HDFS awaitable fails about
+    ``timeout_s`` later, the local tier is unaffected, and after it answers again the same
+    Checkpointer commits the next save there."""
+    timeout_s = 4.0
+    policy_file = _policy_file(tmp_path, hdfs_url, timeout_s)
+    model, opt, sched = make_training(seed=7, width=1536)
+    ckpt = asymcheck.Checkpointer(model, opt, policy=policy_file, extras={"sched": sched})
+    closed = False
+    try:
+        train_steps(model, opt, sched, 1)
+        ckpt.save_sync(1).durable("hdfs").wait(60)
+        fault = _FaultDuringFlush(2)
+        try:
+            with monkeypatch.context() as patch:
+                fault.install(patch)
+                train_steps(model, opt, sched, 1)
+                h2 = ckpt.save_sync(2)
+                t_freeze = fault.inject("freeze")
+                with pytest.raises(TierError, match=r"no answer within 4 s") as info:
+                    h2.durable("hdfs").wait(timeout_s + 20)
+                detect_s = time.monotonic() - t_freeze
+            h2.durable("local").wait(60)
+        finally:
+            thawed = _minidfs("thaw", timeout=30)
+        assert thawed.returncode == 0, thawed.stderr
+        assert detect_s < timeout_s + 3, f"the failure took {detect_s:.1f} s to surface"
+
+        train_steps(model, opt, sched, 1)
+        expected = snapshot(model, opt, sched)
+        h3 = ckpt.save_sync(3)
+        h3.durable("hdfs").wait(60)
+        h3.durable("local").wait(60)
+        closed = True
+        with pytest.raises(asymcheck.CheckpointError, match="1 checkpoint operation"):
+            ckpt.close_sync()
+    finally:
+        if not closed:
+            with contextlib.suppress(asymcheck.CheckpointError):
+                ckpt.close_sync()
+
+    async def hdfs_state() -> list[int]:
+        async with HdfsTier(hdfs_url) as tier:
+            return await committed_steps(tier)
+    assert _run(hdfs_state()) == [1, 3]
+    model2, opt2, sched2 = make_training(seed=8, width=1536)
+    only_hdfs = asymcheck.Policy(tiers=(
+        TierPolicy(name="host", url=f"shm://hung-new-{uuid.uuid4().hex[:12]}"),
+        TierPolicy(name="hdfs", url=hdfs_url)))
+    with asymcheck.Checkpointer(model2, opt2, policy=only_hdfs, extras={"sched": sched2}) as c2:
+        assert c2.restore_sync() == 3
+    assert_same(expected, snapshot(model2, opt2, sched2))
+
+    summary = (f"NameNode hung (SIGSTOP) mid-flush, timeout_s={timeout_s:g}: HDFS durable "
+               f"failed {detect_s:.2f} s after the freeze ({info.value})")
+    record_property("hung_summary", summary)
+    print(summary)
