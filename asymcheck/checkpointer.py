@@ -730,7 +730,7 @@ class Checkpointer:
                 for s in steps[-keep:]:
                     man = await read_manifest(tier, s)
                     needed.update(man.info.get("compression", {}).get("base_steps", []))
-            for s in steps[:-keep]:
+            for s in reversed(steps[:-keep]):  # newest first: a delta goes before its base
                 if s in needed or (is_host and self._pins[s]):
                     continue
                 await delete_checkpoint(tier, s)

@@ -711,8 +711,12 @@ async def retention_plan(tiers: Sequence[Tier], keeps: dict[str, int]
             continue
         keep = keeps[tier.name]
         limit = max(durable) if isinstance(tier, HostTier) and durable else None
+        needed: set[int] = set()  # delta bases of the checkpoints kept
+        for s in steps[-keep:]:
+            man = await read_manifest(tier, s)
+            needed.update(man.info.get("compression", {}).get("base_steps", []))
         for s in steps[:-keep]:
-            if limit is None or s <= limit:
+            if s not in needed and (limit is None or s <= limit):
                 plan.append((tier, s, f"beyond keep={keep}"))
         plan.extend((tier, s, "uncommitted") for s in sorted(listing[tier.name])
                     if s < steps[-1] and s not in steps)

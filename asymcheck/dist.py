@@ -498,7 +498,7 @@ class DistContext:
                     man = await read_manifest(view, s)
                     needed.update(man.info.get("compression", {}).get("base_steps", []))
         known_set = set(known)
-        for s in sorted(mine):
+        for s in sorted(mine, reverse=True):  # newest first: a delta goes before its base
             if s >= newest or s in busy or s in needed or pinned(s):
                 continue
             if s not in known_set or s < kept[0]:
@@ -512,7 +512,7 @@ class DistContext:
                 man = await read_manifest(gtier, s)
                 for shard in man.info.get("ranks", []):
                     gneeded.update(shard.get("base_steps", []))
-        for s in known[:-keep]:
+        for s in reversed(known[:-keep]):  # newest first: a delta goes before its base
             if s in gneeded or s in busy:
                 continue
             await _delete_quietly(gtier, manifest_key(s))

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -164,6 +164,10 @@ def _parse_tier(raw: Any, where: str, fail: Any, base_dir: Path | None) -> TierP
                    f"(known: {', '.join(known_schemes())})")
     if scheme == "file":
         url = _resolve_file_url(url, base_dir, fail, f"{where}.url")
+    if scheme == "shm":
+        parsed = urlparse(url)
+        if ".." in unquote(parsed.netloc + parsed.path).split("/"):
+            raise fail(f"{where}.url", f"{url!r} must not contain '..'")
     capacity = None
     if "capacity" in raw:
         try:
@@ -198,7 +202,7 @@ def _resolve_file_url(url: str, base_dir: Path | None, fail: Any, where: str) ->
     if parsed.netloc not in ("", "localhost"):
         raise fail(where, f"file URLs name a local path, got host {parsed.netloc!r}")
     path = Path(parsed.path)
-    if ".." in path.parts:
+    if ".." in Path(unquote(parsed.path)).parts:
         raise fail(where, f"path {parsed.path!r} must not contain '..'")
     if not path.is_absolute():
         path = (base_dir or Path.cwd()) / path

@@ -88,6 +88,16 @@ async def steps_by_tier(tiers: Sequence[Tier]) -> dict[int, list[Tier]]:
     return found
 
 
+async def check_files(tier: Tier, man: Manifest) -> None:
+    """Every file the manifest lists exists on ``tier`` with the size it claims."""
+    for f in man.files:
+        key = f"{step_dir(man.step)}/{f.key}"
+        size = (await tier.stat(key)).size_bytes
+        if size != f.size:
+            raise ManifestError(f"{tier.name}:{key} holds {size} bytes, its manifest says "
+                                f"{f.size}")
+
+
 def empty_tensor(meta: TensorMeta) -> torch.Tensor:
     """A fresh CPU tensor of the manifest's dtype and shape."""
     return torch.empty(meta.shape, dtype=dtype_from_name(meta.dtype))
@@ -207,6 +217,7 @@ async def load_checkpoint(tiers: Sequence[Tier], step: int | None = None, *,
     for tier in holders:
         try:
             man = await read_manifest(tier, step)
+            await check_files(tier, man)
         except Exception as e:
             problems.append(f"{tier.name}: {e}")
             log.warning("step %d: manifest on %s unusable: %s", step, tier.name, e)
@@ -223,9 +234,13 @@ async def load_checkpoint(tiers: Sequence[Tier], step: int | None = None, *,
     if reference.world_size != world_size:
         raise world_size_error(step, reference.world_size, world_size)
     wanted = [i for i, m in enumerate(reference.tensors) if select is None or select(m.path)]
-    tensors = [empty_tensor(m) if select is None or select(m.path)
-               else torch.empty(m.shape, dtype=dtype_from_name(m.dtype), device="meta")
-               for m in reference.tensors]
+    try:
+        tensors = [empty_tensor(m) if select is None or select(m.path)
+                   else torch.empty(m.shape, dtype=dtype_from_name(m.dtype), device="meta")
+                   for m in reference.tensors]
+    except (RuntimeError, MemoryError) as e:  # a manifest may claim more than memory holds
+        raise RestoreError(f"step {step}: cannot allocate the {reference.nbytes} bytes of "
+                           f"tensors its manifest lists: {e}") from None
     sources: dict[str, int] = {}
     sem = asyncio.Semaphore(max_parallel)
     pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="asymcheck-decode")

@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 ENV_ROOT = "ASYMCHECK_SHM_ROOT"
 DEFAULT_ROOT = "/dev/shm"
 POOL_DIR = ".free"
+#: A pooled block not reused while this many later blocks joined the pool is of a size no
+#: longer asked for (a manifest that grew a byte, a changed model): it is unlinked.
+POOL_STALE_AFTER = 16
 #: Reads smaller than this copy on the event loop; a thread hop would cost more.
 _THREAD_COPY_BYTES = 1 << 20
 _CREATE_TRIES = 3
@@ -149,7 +152,8 @@ class HostTier(Tier):
         self._committed = 0
         self._reserved = 0
         self._pooled = 0
-        self._pool: list[tuple[int, Path]] = []  # oldest first
+        self._pool: list[tuple[int, Path, int]] = []  # (size, path, arrival), oldest first
+        self._pool_arrivals = 0
         self._maps: dict[str, mmap.mmap] = {}
         self._blocks: set[HostBlock] = set()
         self._epoch = 0  # bumped by every commit and delete
@@ -205,7 +209,7 @@ class HostTier(Tier):
         victims: list[Path] = []
         freed = 0
         while self._pool and (need_bytes is None or freed < need_bytes):
-            size, path = self._pool.pop(0)
+            size, path, _ = self._pool.pop(0)
             self._pooled -= size
             freed += size
             victims.append(path)
@@ -255,10 +259,10 @@ class HostTier(Tier):
             self._sizes = sizes
             self._committed = sum(sizes.values())
             self._pool = pool
-            self._pooled = sum(size for size, _ in pool)
+            self._pooled = sum(size for size, _, _ in pool)
             self._opened = True
 
-    def _scan(self) -> tuple[dict[str, int], list[tuple[int, Path]]]:
+    def _scan(self) -> tuple[dict[str, int], list[tuple[int, Path, int]]]:
         os.makedirs(self._dir, exist_ok=True)
         remove_stale_tmp(self._dir, skip_top={POOL_DIR})
         sizes = {}
@@ -272,7 +276,7 @@ class HostTier(Tier):
                     pool.append((entry.stat().st_mtime_ns, entry.stat().st_size,
                                  Path(entry.path)))
         pool.sort()
-        return sizes, [(size, path) for _, size, path in pool]
+        return sizes, [(size, path, 0) for _, size, path in pool]
 
     async def close(self) -> None:
         """Abort open blocks, unmap, and drop the free pool if this instance wrote here (a
@@ -438,6 +442,8 @@ class HostTier(Tier):
                 block._mapping.close()
         try:
             await finish_even_if_cancelled(asyncio.to_thread(_unlink_all, [block._tmp_path]))
+            await finish_even_if_cancelled(asyncio.to_thread(
+                prune_empty_dirs, self._dir, block._tmp_path.parent))
         finally:
             self._release(block.nbytes)
 
@@ -539,11 +545,19 @@ class HostTier(Tier):
             if old is not None:
                 self._committed -= old
             if pooled and pool_path is not None:
-                self._pool.append((size, pool_path))
+                self._pool.append((size, pool_path, self._pool_arrivals))
+                self._pool_arrivals += 1
                 self._pooled += size
             self._epoch += 1
         if self.pool_max_bytes is not None and self._pooled > self.pool_max_bytes:
             await self._evict_pool(self._pooled - self.pool_max_bytes)
+        stale = 0
+        for size, _, arrival in self._pool:
+            if self._pool_arrivals - arrival <= POOL_STALE_AFTER:
+                break
+            stale += size
+        if stale:
+            await self._evict_pool(stale)
         self._notify()
 
     def _remove(self, path: Path, pool_path: Path | None) -> tuple[int, bool]:

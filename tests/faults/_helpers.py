@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import asymcheck
-from asymcheck.manifest import Manifest, manifest_key
+from asymcheck.manifest import ChunkMeta, Manifest, manifest_key
 from asymcheck.restore import LoadedCheckpoint, load_checkpoint
 from tests._util import make_training, snapshot
 from tests.faults._stats import FaultStats
@@ -58,6 +60,22 @@ def data_files(root: Path, step: int) -> list[Path]:
     """The files a committed manifest lists (batch files; one per save today)."""
     man = read_manifest_file(root, step)
     return [root / f"step-{step:012d}" / f.key for f in man.files]
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    """Poll ``predicate`` (background work such as retention finishes after the events)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not after {timeout_s} s: {what}")
+        time.sleep(0.01)
+
+
+def locate(man: Manifest, chunk: ChunkMeta) -> tuple[str, int]:
+    """(file, offset) of a chunk's stored bytes on the tier that wrote ``man``: a flushed
+    manifest may map the host layout onto its batch files through segments."""
+    where = getattr(man, "locate", None)
+    return where(chunk) if where is not None else (chunk.file, chunk.offset)
 
 
 def flip_byte(path: Path, offset: int, mask: int = 0x40) -> None:
@@ -112,15 +130,17 @@ def restore_fresh(policy: asymcheck.Policy, step: int | None = None, *, width: i
 
 def load_from(url: str, step: int | None = None, name: str = "only") -> LoadedCheckpoint | None:
     """Read a checkpoint from one tier alone (no fallback to another tier)."""
+    out: list[LoadedCheckpoint | None] = []
 
-    async def run() -> LoadedCheckpoint | None:
+    async def run() -> None:  # returns nothing: asyncio.run may repr its result (slow)
         tier = open_tier(url, name=name)
         try:
-            return await load_checkpoint([tier], step)
+            out.append(await load_checkpoint([tier], step))
         finally:
             await tier.close()
 
-    return asyncio.run(run())
+    asyncio.run(run())
+    return out[0]
 
 
 def load_ref(path: Path) -> Any:

@@ -4,7 +4,8 @@ Importing torch costs seconds, so this process imports once and forks one traine
 (a fresh process with its own pid, threads and Checkpointer). It reads one JSON trial per
 line on stdin; the trainer and this process report JSON lines on stdout:
 ``{"pid": P}``, ``{"started": STEP}`` (restored, training from STEP), ``{"saved": STEP,
-"mode": M}``, ``{"done": true}`` (not killed), and ``{"exit": P, "signal": S, "code": C}``.
+"mode": M}``, ``{"done": true}`` (not killed), ``{"exit": P, "signal": S, "code": C}``, and,
+once the parent sent a line back, ``{"reaped": P}``.
 
 A trainer resumes from the newest committed checkpoint, then trains and saves every step.
 Before each save it writes ``ref-<step>.pt``: torch.save of a deep copy of the model,
@@ -16,7 +17,9 @@ path (before or after the call runs), or the parent kills it after a random dela
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import io
 import json
 import os
 import signal
@@ -113,6 +116,15 @@ def _wrap(real: Callable[..., Any], count: Callable[[], bool], when: str) -> Cal
     return hook
 
 
+def storm_policy(directory: Path, cfg: dict[str, Any]) -> asymcheck.Policy:
+    """The default policy under ``directory``, with the trial's compression settings."""
+    policy = asymcheck.default_policy(directory)
+    if cfg.get("compression"):
+        policy = dataclasses.replace(
+            policy, compression=asymcheck.CompressionPolicy(**cfg["compression"]))
+    return policy
+
+
 def trial(cfg: dict[str, Any]) -> None:
     directory = Path(cfg["dir"])
     refs = Path(cfg["refs"])
@@ -120,7 +132,7 @@ def trial(cfg: dict[str, Any]) -> None:
     options: dict[str, Any] = {"mode": "naive"}
     if cfg["mode"] == "asym":  # the default mode, with a short warm-up and small partitions
         options = {"warmup_iterations": 3, "min_partition_bytes": 1024}
-    ckpt = asymcheck.Checkpointer(model, opt, policy=asymcheck.default_policy(directory),
+    ckpt = asymcheck.Checkpointer(model, opt, policy=storm_policy(directory, cfg),
                                   extras={"sched": sched}, **options)
     restored = ckpt.restore_sync()
     step = 0 if restored is None else restored + 1
@@ -139,8 +151,17 @@ def trial(cfg: dict[str, Any]) -> None:
     emit(done=True)
 
 
+def warm_up() -> None:
+    """Pay once for what torch imports lazily on first use (optimizers pull in dynamo)."""
+    model, opt, sched = make_training(seed=0, width=8)
+    train_steps(model, opt, sched, 2)
+    torch.save(snapshot(model, opt, sched), io.BytesIO())
+
+
 def main() -> None:
     torch.set_num_threads(1)
+    warm_up()
+    assert threading.active_count() == 1, "no Python thread may run while this process forks"
     emit(ready=True)
     for line in sys.stdin:
         cfg = json.loads(line)
@@ -156,9 +177,16 @@ def main() -> None:
                 sys.stderr.flush()
                 os._exit(code)
         emit(pid=pid)
-        _, status = os.waitpid(pid, 0)
-        emit(exit=pid, signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0,
-             code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None)
+        # Wait without reaping: until the parent acknowledges the exit, the pid stays a
+        # zombie, so a late SIGKILL from the parent can never reach a process reusing it.
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        assert info is not None
+        killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+        emit(exit=pid, signal=info.si_status if killed else 0,
+             code=None if killed else info.si_status)
+        sys.stdin.readline()  # the parent is done signalling
+        os.waitpid(pid, 0)
+        emit(reaped=pid)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import pytest
 from tests.faults._stats import FaultStats
 from tiers.registry import TIER_CLASSES
 
-
 _STATS = pytest.StashKey[FaultStats]()
 
 
