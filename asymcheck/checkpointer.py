@@ -436,16 +436,21 @@ class Checkpointer:
             self._dist.abandon(prep.handle, error)
 
     def _full_queues(self, prep: _Prepared) -> list[str]:
-        """Scheduled tiers with ``on_full = wait`` whose flush queue is full: this save waits
-        for them (backpressure), and the wait is part of its stall."""
+        """Scheduled tiers with ``on_full = wait`` whose backlog (queued, in flight, and saves
+        not yet handed over) has reached the queue depth: this save waits for them
+        (backpressure), and the wait is part of its stall."""
         sched = self._scheduler
         if sched is None:
             return []
-        return [t for t in prep.handle.tiers[1:]
-                if self.policy.tier(t).on_full == "wait" and sched.full(t)]
+        handing_over = len(self._commits)
+        return [t for t in prep.handle.tiers[1:] if self.policy.tier(t).on_full == "wait"
+                and sched.backlog(t) + handing_over > sched.depth]
 
     async def _await_room(self, tiers: list[str]) -> None:
         assert self._scheduler is not None
+        if self._commits:  # earlier saves first reach their queues (each may wait there)
+            await asyncio.gather(*map(asyncio.wrap_future, list(self._commits)),
+                                 return_exceptions=True)
         for name in tiers:
             await self._scheduler.wait_room(name)
 

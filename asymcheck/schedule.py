@@ -186,6 +186,7 @@ class FlushScheduler:
         self._state = {tp.name: _TierState(tp) for tp in policy.tiers[1:]}
         for tp in policy.tiers[1:]:
             self.cost.tier(tp.name, tp.scheme)
+        self._depth = queue_depth
         self._queues: dict[str, asyncio.Queue[FlushJob | None]] = {
             tp.name: asyncio.Queue(queue_depth) for tp in policy.tiers[1:]}
         self._busy: dict[str, bool] = dict.fromkeys(self._queues, False)
@@ -195,6 +196,14 @@ class FlushScheduler:
     @property
     def pending(self) -> int:
         return sum(q.qsize() for q in self._queues.values()) + sum(self._busy.values())
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    def backlog(self, tier: str) -> int:
+        """Checkpoints queued for ``tier`` plus the one being flushed."""
+        return self._queues[tier].qsize() + int(self._busy[tier])
 
     def full(self, tier: str) -> bool:
         return self._queues[tier].full()

@@ -492,10 +492,12 @@ class HostTier(Tier):
         start, end = clamp_range(self.name, key, size, offset, length)
         if mapping is None or start == end:
             return b""
-        with memoryview(mapping) as src:  # an export: the mapping cannot be closed under us
+        # exports while they live (the mapping cannot be closed under us); released on exit so
+        # a later delete can recycle the block
+        with memoryview(mapping) as src, src[start:end] as part:
             if end - start < _THREAD_COPY_BYTES:
-                return bytes(src[start:end])
-            return await asyncio.to_thread(bytes, src[start:end])
+                return bytes(part)
+            return await finish_even_if_cancelled(asyncio.to_thread(bytes, part))
 
     async def readinto(self, key: str, out: memoryview, offset: int = 0) -> None:
         dst = flat_bytes(out)
@@ -509,12 +511,11 @@ class HostTier(Tier):
                             f"{dst.nbytes} bytes at offset {offset}")
         if mapping is None or start == end:
             return
-        with memoryview(mapping) as src:
+        with memoryview(mapping) as src, src[start:end] as part:
             if end - start < _THREAD_COPY_BYTES:
-                dst[:] = src[start:end]
+                dst[:] = part
             else:
-                await finish_even_if_cancelled(
-                    asyncio.to_thread(copy_into, dst, src[start:end]))
+                await finish_even_if_cancelled(asyncio.to_thread(copy_into, dst, part))
 
     # ---- Tier API ---------------------------------------------------------------------------
 
