@@ -155,6 +155,7 @@ class Checkpointer:
         self._plans: dict[tuple[Any, ...], PartitionPlan] = {}
         self._pending: _Pending | None = None
         self._pending_lock = threading.Lock()
+        self._finish_lock = threading.RLock()
         self._tracker: WindowTracker | None = None
         self.profiler: Profiler | None = None
         self._copier: Copier | None = None
@@ -369,7 +370,14 @@ class Checkpointer:
         self._finish_pending()
 
     def _finish_pending(self) -> None:
-        """The step gate: complete the pending snapshot; the wait is added to its stall."""
+        """The step gate: complete the pending snapshot; the wait is added to its stall.
+
+        Held under a lock for the whole copy, so an optimizer step never passes while another
+        thread (one waiting on ``handle.staged``) is still finishing the snapshot."""
+        with self._finish_lock:
+            self._finish_pending_locked()
+
+    def _finish_pending_locked(self) -> None:
         with self._pending_lock:
             pending, self._pending = self._pending, None
         if pending is None:
@@ -613,6 +621,11 @@ class Checkpointer:
             if cap is None or self.host.committed_bytes + self.host.reserved_bytes + \
                     prep.layout.total_bytes <= cap:
                 continue  # not blocked by the budget, only slow
+            with self._spare_lock:  # a block reserved ahead must not starve this one
+                spare, self._spare_block, self._spare_wanted = self._spare_block, None, None
+            if spare is not None:
+                await spare.abort()
+                continue
             if await self._evict_one():
                 continue
             self._pins_changed.clear()

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .manifest import ChunkMeta, TensorMeta, checksum
@@ -211,7 +212,12 @@ class Copier:
         self._lock = threading.Lock()
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        dst.copy_(src)
+        if src.device.type == "cpu":
+            # numpy's memcpy: a torch copy here would start an OpenMP pool in this thread,
+            # whose spinning workers slow every training iteration, saves or not
+            np.copyto(dst.numpy(), src.numpy())
+        else:
+            dst.copy_(src)
 
     def launch(self, fn: Callable[[], None], done: Callable[[], None]) -> None:
         def run() -> None:
