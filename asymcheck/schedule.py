@@ -273,10 +273,11 @@ class FlushScheduler:
             return "raw", None
         codec = DELTA_CODEC if base_raw is not None else FULL_CODEC
         est = st.ratios.get((meta.path, codec))
-        if est is None:  # first sight of this tensor: a sample, ~1 ms
+        if est is None:  # first sight since the last full checkpoint: a sample, ~1 ms
             est = await asyncio.to_thread(
                 estimate_ratio, raw, codec=codec, elem_size=_elem_size(meta), base=base_raw,
                 sample_bytes=256 << 10, level=self._policy.compression.level)
+            st.ratios[(meta.path, codec)] = est  # achieved ratios replace it as they come
         if mode == "always" or self.cost.compression_pays(tier, codec, meta.nbytes, est):
             return codec, est
         return "raw", est
@@ -386,6 +387,7 @@ class FlushScheduler:
             return
         self._pin(man.step)  # deltas of the next checkpoints read this copy from host memory
         old, st.base, st.since_full = st.base, man, 0
+        st.ratios.clear()  # a new base: sample the ratios afresh
         if old is not None:
             await self._unpin(old.step)
 
