@@ -175,6 +175,8 @@ class Checkpointer:
         self._pins: Counter[int] = Counter()
         self._pins_changed: asyncio.Event | None = None
         self._commits: set[concurrent.futures.Future[None]] = set()
+        # delta bases each committed checkpoint needs, per (tier, step): retention keeps them
+        self._base_steps: dict[tuple[str, int], list[int]] = {}
         # a host block reserved ahead of the next save, so save() need not wait for the loop
         self._spare_lock = threading.Lock()
         self._spare_block: HostBlock | None = None
@@ -682,6 +684,8 @@ class Checkpointer:
 
     async def _flush_done(self, job: FlushJob, tier: str, error: BaseException | None) -> None:
         if error is None:
+            comp = job.handle.metrics.get(f"{tier}.compression", {})
+            self._base_steps[(tier, job.manifest.step)] = list(comp.get("base_steps", []))
             self._durable(job.handle, tier)
             await self._retain(self._tiers[tier])
         else:
@@ -746,12 +750,17 @@ class Checkpointer:
             needed: set[int] = set()
             if not is_host and self.policy.compression.mode != "off":
                 for s in steps[-keep:]:
-                    man = await read_manifest(tier, s)
-                    needed.update(man.info.get("compression", {}).get("base_steps", []))
+                    bases = self._base_steps.get((tier.name, s))
+                    if bases is None:  # written before this process: ask its manifest
+                        man = await read_manifest(tier, s)
+                        bases = self._base_steps[(tier.name, s)] = list(
+                            man.info.get("compression", {}).get("base_steps", []))
+                    needed.update(bases)
             for s in reversed(steps[:-keep]):  # newest first: a delta goes before its base
                 if s in needed or (is_host and self._pins[s]):
                     continue
                 await delete_checkpoint(tier, s)
+                self._base_steps.pop((tier.name, s), None)
         except Exception as e:
             log.warning("retention on tier %s failed (will retry after the next save): %s",
                         tier.name, e)
