@@ -668,7 +668,6 @@ class Checkpointer:
             return
         handle.staged.set_done()
         self._durable(handle, host.name)
-        self._want_spare(prep.layout.total_bytes)
         assert self._scheduler is not None
         for name in handle.tiers[1:]:
             if self.policy.tier(name).on_full == "skip" and self._scheduler.full(name):
@@ -681,6 +680,7 @@ class Checkpointer:
             self._pin(prep.step)
             await self._scheduler.submit(name, FlushJob(manifest, handle))
         await self._retain(host)
+        self._want_spare(prep.layout.total_bytes)  # after retention: a freed block is reused
 
     async def _flush_done(self, job: FlushJob, tier: str, error: BaseException | None) -> None:
         if error is None:
