@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     fault_tiers.register()
     work = Path(tempfile.mkdtemp(prefix="asymcheck-compression-", dir=".")).absolute()
     configs: dict[str, asymcheck.Checkpointer] = {}
+    shm_dirs: list[Path] = []
     try:
         for tier_kind in ("local", "slow"):
             for mode in ("off", "auto"):
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                            asymcheck.TierPolicy(name="disk", url=url, keep=2, options=options)),
                     compression=asymcheck.CompressionPolicy(mode=mode, full_every=10))
                 configs[name] = asymcheck.Checkpointer(model, opt, policy=pol, mode="naive")
+                shm_dirs.append(Path(os.environ.get("ASYMCHECK_SHM_ROOT", "/dev/shm"))
+                                / pol.staging.url.removeprefix("shm://"))
         times: dict[str, list[float]] = {k: [] for k in configs}
         last: dict[str, asymcheck.SaveHandle] = {}
         for i in range(args.steps + 1):  # the first save (a full one everywhere) is warm-up
@@ -102,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         for ckpt in configs.values():
             ckpt.close_sync()
         shutil.rmtree(work, ignore_errors=True)
+        for shm in shm_dirs:  # the host tiers' shared memory
+            shutil.rmtree(shm, ignore_errors=True)
         fault_tiers.unregister()
     print(f"GPT-2 {layers}x{width}: {rows['local/off']['state_bytes'] / 1e6:.0f} MB of state; "
           f"slow tier at {args.slow_mbps:.0f} MB/s; median of {args.steps} saves")
