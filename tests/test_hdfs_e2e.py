@@ -33,12 +33,12 @@ from asymcheck.manifest import manifest_key, step_dir
 from asymcheck.policy import TierPolicy
 from asymcheck.restore import committed_steps
 from tests._util import assert_same, make_training, snapshot, train_steps
-from tests.tiers.tier_cases import hdfs_base_url
+from tests.tiers.tier_cases import hdfs_base_url, hdfs_raw_files
 
 pytest.importorskip("hdfs_native")
 
 from tiers.base import Payload, TierError
-from tiers.hdfs import HdfsTier, _shared_client
+from tiers.hdfs import HdfsTier
 
 pytestmark = pytest.mark.hdfs
 
@@ -62,16 +62,8 @@ async def _delete_tree(url: str) -> None:
 
 async def _raw_files(url: str) -> list[str]:
     """Every file under the tier's directory, temporary ones included."""
-    tier = HdfsTier(url)
-    client = _shared_client(tier._fs_url, tier.config)
-    base = tier._base
-    try:
-        return sorted([st.path[len(base) + 1:] async for st in client.list_status(base, True)
-                       if not st.isdir])
-    except FileNotFoundError:
-        return []
-    finally:
-        await tier.close()
+    async with HdfsTier(url) as tier:
+        return await hdfs_raw_files(tier)
 
 
 @pytest.fixture

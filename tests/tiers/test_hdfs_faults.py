@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from tier_cases import hdfs_base_url
+from tier_cases import hdfs_base_url, hdfs_raw_files
 
 pytest.importorskip("hdfs_native")
 
@@ -91,17 +91,6 @@ async def tier(hdfs_root: str) -> AsyncIterator[HdfsTier]:
         await cleanup.delete_prefix("")
 
 
-async def _raw_files(tier: HdfsTier) -> list[str]:
-    """Every file under the tier's base directory, temporary ones included."""
-    client = _shared_client(tier._fs_url, tier.config)
-    base = tier._base
-    try:
-        return sorted([st.path[len(base) + 1:] async for st in client.list_status(base, True)
-                       if not st.isdir])
-    except FileNotFoundError:
-        return []
-
-
 @pytest.mark.hdfs
 @pytest.mark.slow
 async def test_cancelled_put_leaves_nothing_visible(tier: HdfsTier) -> None:
@@ -110,7 +99,7 @@ async def test_cancelled_put_leaves_nothing_visible(tier: HdfsTier) -> None:
     task = asyncio.ensure_future(tier.put("ckpt/manifest", payload))
     # Wait until the temporary file exists, i.e. the put is under way, then cancel it.
     deadline = time.monotonic() + 30
-    while not any(".tmp-" in f for f in await _raw_files(tier)):
+    while not any(".tmp-" in f for f in await hdfs_raw_files(tier)):
         assert time.monotonic() < deadline, "the put never created its temporary file"
         assert not task.done(), "put finished before it could be interrupted"
         await asyncio.sleep(0.01)
@@ -123,7 +112,7 @@ async def test_cancelled_put_leaves_nothing_visible(tier: HdfsTier) -> None:
     assert await tier.list() == ["ckpt/manifest"]
     assert await tier.get("ckpt/manifest") == b"old"
     await tier.close()  # waits for the background removal of the temporary file
-    assert await _raw_files(tier) == ["ckpt/manifest"]
+    assert await hdfs_raw_files(tier) == ["ckpt/manifest"]
 
 
 @pytest.mark.hdfs
@@ -142,7 +131,7 @@ async def test_failed_put_leaves_nothing_visible(tier: HdfsTier,
 
     assert await tier.list() == []
     assert not await tier.exists("step-2/data.bin")
-    assert await _raw_files(tier) == []
+    assert await hdfs_raw_files(tier) == []
 
 
 @pytest.mark.hdfs
@@ -157,6 +146,6 @@ async def test_tmp_names_are_not_keys(tier: HdfsTier) -> None:
     with pytest.raises(ValueError):
         await tier.put("a/c.tmp-1-0123456789abcdef", b"x")
     assert await tier.remove_stale_tmp(older_than_s=0) == 1
-    assert await _raw_files(tier) == ["a/b"]
+    assert await hdfs_raw_files(tier) == ["a/b"]
     with pytest.raises(KeyNotFound):
         await tier.get("a/missing")

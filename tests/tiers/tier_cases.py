@@ -31,6 +31,20 @@ def hdfs_base_url() -> str:
     pytest.skip("ASYMCHECK_TEST_HDFS is not set (start MiniDFS: scripts/minidfs.sh start)")
 
 
+async def hdfs_raw_files(tier: Tier) -> list[str]:
+    """Every file under an HDFS tier's base directory, temporary ones included."""
+    from tiers.hdfs import HdfsTier, _shared_client
+
+    assert isinstance(tier, HdfsTier)
+    client = _shared_client(tier._fs_url, tier.config)
+    base = tier._base
+    try:
+        return sorted([st.path[len(base) + 1:] async for st in client.list_status(base, True)
+                       if not st.isdir])
+    except FileNotFoundError:
+        return []
+
+
 def tier_dir(tier: Tier) -> Path:
     """Where a file-backed tier keeps its keys."""
     if isinstance(tier, HostTier):
