@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +47,7 @@ from .snapshot import (
     block_tensor,
     copy_into,
     copy_slot,
+    pin_memory,
 )
 from .state import apply_rng, capture_rng, flatten, pack_skeleton
 
@@ -182,6 +183,10 @@ class Checkpointer:
         self._spare_block: HostBlock | None = None
         self._spare_wanted: int | None = None
         self._spare_tasks: set[asyncio.Task[None]] = set()
+        # CUDA state: host blocks are page-locked so device copies run asynchronously;
+        # unregister functions by block, called before the block's memory is released
+        self._device_state = False
+        self._host_pins: dict[HostBlock, Callable[[], None]] = {}
         self.replicated = tuple(replicated)
         for name in self.replicated:
             if name not in _dist.REPLICABLE and name not in self.extras:
@@ -280,6 +285,7 @@ class Checkpointer:
         state = self._capture()
         state["step"] = step
         flat = flatten(state)
+        self._device_state = any(t.is_cuda for t in flat.tensors)
         layout = Layout.plan(flat.paths, flat.tensors, self.chunk_bytes)
         index = self._save_index
         self._save_index += 1
@@ -320,6 +326,13 @@ class Checkpointer:
     def _stage(self, prep: _Prepared, block: HostBlock) -> SaveHandle:
         handle = prep.handle
         try:
+            if self._device_state:
+                pinned = block in self._host_pins
+                if not pinned:  # no spare block was pinned ahead of this save
+                    t0 = time.perf_counter()
+                    pinned = self._pin_host_block(block)
+                    handle.metrics["host_pin_s"] = time.perf_counter() - t0
+                handle.metrics["host_pinned"] = pinned
             target = block_tensor(block.view)
             deferred = self._deferrable(prep.tensors) if self.mode == "asym" else []
             plan = self._plan(tuple(prep.tensors[i].nbytes for i in deferred))
@@ -598,6 +611,8 @@ class Checkpointer:
     async def _reserve_spare(self, nbytes: int) -> None:
         try:
             block = await self.host.reserve(f"staging/spare-{secrets.token_hex(4)}.bin", nbytes)
+            if self._device_state:  # page-locked here, off the training thread
+                await asyncio.to_thread(self._pin_host_block, block)
         except Exception as e:
             log.debug("no spare host block reserved: %s", e)
             with self._spare_lock:
@@ -609,6 +624,19 @@ class Checkpointer:
                 self._spare_block, self._spare_wanted = block, None
         if not keep:
             await block.abort()
+
+    def _pin_host_block(self, block: HostBlock) -> bool:
+        """Page-lock ``block`` for device-to-host copies until it is committed or aborted."""
+        unregister = pin_memory(block.view)
+        if unregister is None:
+            return False
+        self._host_pins[block] = unregister
+
+        def unpin() -> None:
+            self._host_pins.pop(block, None)
+            unregister()
+        block.on_close(unpin)
+        return True
 
     async def _reserve(self, prep: _Prepared) -> HostBlock:
         """A host block for the new checkpoint; under memory pressure, evict old host copies."""
@@ -648,6 +676,9 @@ class Checkpointer:
     async def _commit_staged(self, prep: _Prepared, block: HostBlock) -> None:
         handle, host = prep.handle, self.host
         try:
+            unpin = self._host_pins.pop(block, None)
+            if unpin is not None:  # every byte is in: unlock the pages off the event loop
+                await asyncio.to_thread(unpin)
             metas = await asyncio.to_thread(prep.layout.tensor_metas, block.view, prep.data_name)
             await block.commit(prep.data_key)
             manifest = Manifest(step=prep.step, created_s=time.time(), job=self.job,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import torch
 from .manifest import ChunkMeta, TensorMeta, checksum
 from .partition import Partition, PartitionPlan
 from .state import dtype_name
+
+log = logging.getLogger(__name__)
 
 ALIGN_BYTES = 64
 DEFAULT_CHUNK_BYTES = 8 << 20
@@ -284,21 +287,34 @@ class CudaCopier(Copier):
         self._pool.submit(wait_then_done)
 
 
-def pin_memory(view: memoryview) -> Callable[[], None] | None:
-    """Page-lock a host block for fast asynchronous device-to-host copies (cudaHostRegister).
+#: cudaHostRegisterPortable: the pages count as pinned for every CUDA context of the process.
+_HOST_REGISTER_PORTABLE = 1
 
-    Returns an unregister function, or None when CUDA is absent or registration failed.
+
+def pin_memory(view: memoryview) -> Callable[[], None] | None:
+    """Page-lock a host block for asynchronous device-to-host copies (cudaHostRegister).
+
+    A copy from the GPU into pageable memory is staged by the driver and blocks the calling
+    thread until done; into page-locked memory it runs on the copy engine while the thread
+    goes on. Returns an idempotent unregister function, to be called before the memory is
+    unmapped, or None when CUDA is absent or registration failed.
     """
     if not torch.cuda.is_available() or view.nbytes == 0:
         return None
-    t = torch.frombuffer(view, dtype=torch.uint8)
-    ptr = t.data_ptr()
+    ptr = torch.frombuffer(view, dtype=torch.uint8).data_ptr()
     cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(ptr, view.nbytes, 0)
+    err = cudart.cudaHostRegister(ptr, view.nbytes, _HOST_REGISTER_PORTABLE)
     if int(err) != 0:
+        log.warning("cudaHostRegister of %d bytes failed (error %d): copies will block",
+                    view.nbytes, int(err))
         return None
+    lock = threading.Lock()
+    registered = [True]
 
     def unregister() -> None:
-        cudart.cudaHostUnregister(ptr)
+        with lock:
+            if registered[0]:
+                registered[0] = False
+                cudart.cudaHostUnregister(ptr)
 
     return unregister

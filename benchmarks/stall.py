@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--workdir", default=None, help="where checkpoints go (default: a tmp dir)")
     p.add_argument("--out", default=str(RESULTS / "stall.json"))
     args = p.parse_args(argv)
@@ -50,14 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     warmup = 7  # the asym profile needs 5 warm-up iterations; every method gets the same
 
     def make():  # type: ignore[no-untyped-def]
-        return gpt2_workload(layers=args.layers, width=args.width, vocab=args.vocab)
+        return gpt2_workload(layers=args.layers, width=args.width, vocab=args.vocab,
+                             batch=args.batch, device=args.device)
 
     base = Path(args.workdir or tempfile.mkdtemp(prefix="asymcheck-stall-"))
     info = machine_info(base)
     state_bytes = make().state_bytes
     print(f"GPT-2 {args.layers}x{args.width}, vocab {args.vocab}: {state_bytes / 1e6:.0f} MB "
           f"of state; checkpoint every {args.every}; {args.iterations} timed iterations; "
-          f"disk {info['disk_write_gbps']:.2f} GB/s; {info['cpu']} x{info['cores']}")
+          f"disk {info['disk_write_gbps']:.2f} GB/s; {info['cpu']} x{info['cores']}; "
+          f"device {args.device}{' ' + str(info['cuda']) if info.get('cuda') else ''}")
     methods: list[Method] = [NoCheckpoint(), AsymCheckMethod("asymcheck asym", "asym"),
                              AsymCheckMethod("asymcheck naive", "naive"), DcpAsync(),
                              TorchSave()]

@@ -25,6 +25,7 @@ import os
 import secrets
 import shutil
 import stat as stat_mod
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import unquote, urlsplit
@@ -85,6 +86,7 @@ class HostBlock:
         self._tmp_path = tmp_path
         self._mapping = mapping
         self._state = "open"
+        self._on_close: list[Callable[[], None]] = []
 
     @property
     def committed(self) -> bool:
@@ -98,6 +100,21 @@ class HostBlock:
     async def abort(self) -> None:
         """Drop the block and release its bytes; no-op once committed or aborted."""
         await self._tier._abort_block(self)
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once when the block is committed or aborted, before its view is released
+        (to undo what was done to its memory, such as page-locking it for a device)."""
+        if self._state != "open":
+            raise TierError(f"{self._tier.name}: block for {self.key!r} is already {self._state}")
+        self._on_close.append(fn)
+
+    def _run_on_close(self) -> None:
+        fns, self._on_close = self._on_close, []
+        for fn in fns:
+            try:
+                fn()
+            except Exception:
+                log.exception("%s: a close callback of %r failed", self._tier.name, self.key)
 
     async def __aenter__(self) -> HostBlock:
         return self
@@ -417,6 +434,7 @@ class HostTier(Tier):
                 raise os_error(self.name, "commit", block.key, exc) from exc
             block._state = "committed"
             self._blocks.discard(block)
+            block._run_on_close()
             block._release_view()
             old = self._sizes.get(block.key, 0)
             self._sizes[block.key] = block.nbytes
@@ -436,6 +454,7 @@ class HostTier(Tier):
             return
         block._state = "aborted"
         self._blocks.discard(block)
+        block._run_on_close()
         block._release_view()
         if block._mapping is not None:
             with contextlib.suppress(BufferError):

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# GPU checks on a machine with a CUDA device and the package's dependencies importable:
+# the CUDA tests, device-to-host copy costs, and the stall benchmark on the device.
+#   bash scripts/gpu_check.sh [OUT_DIR]      (default benchmarks/results/gpu)
+# Each step has its own time limit, so one slow step does not hide the others' results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-benchmarks/results/gpu}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else
+  "scripts/gpu_check.sh needs a CUDA device")' || exit 2
+nvidia-smi -L
+python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
+status=0
+step() {  # step SECONDS NAME COMMAND...
+  local limit=$1 name=$2; shift 2
+  echo "=== $name"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc"
+  [[ $rc == 0 ]] || status=1
+}
+step 150 tests python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_cuda.py \
+  tests/test_snapshot.py
+step 60 d2h python3 benchmarks/d2h.py --mib 1024 --out "$out/d2h.json"
+step 240 stall python3 benchmarks/stall.py --device cuda --layers 6 --width 768 --vocab 16384 \
+  --batch 16 --iterations 12 --out "$out/stall-cuda.json"
+exit $status

@@ -1,0 +1,128 @@
+"""CUDA paths: page-locked host blocks, side-stream snapshots, compressed flushes of device state.
+
+Skipped without a CUDA device; run them with ``pytest -m gpu`` on a machine that has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import asymcheck
+from asymcheck.snapshot import pin_memory
+from tests._util import assert_same
+from tiers.host import HostTier
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _model(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    model = model.to(device="cuda", dtype=dtype)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    dtype = next(model.parameters()).dtype
+    gen = torch.Generator(device="cuda").manual_seed(step)
+    x = torch.randn(32, 256, device="cuda", dtype=dtype, generator=gen)
+    model(x).float().square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    return copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+
+
+def test_pinned_host_block_is_page_locked_until_unregistered() -> None:
+    async def go() -> None:
+        host = HostTier("shm://pin", capacity_bytes=64 << 20)
+        try:
+            block = await host.reserve("a.bin", 8 << 20)
+            unregister = pin_memory(block.view)
+            assert unregister is not None
+            dst = torch.frombuffer(block.view, dtype=torch.uint8)
+            assert dst.is_pinned()
+            src = torch.randint(0, 255, (8 << 20,), dtype=torch.uint8, device="cuda")
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize()
+            assert torch.equal(dst, src.cpu())
+            unregister()
+            unregister()  # idempotent
+            assert not dst.is_pinned()
+            del dst
+            await block.commit()
+        finally:
+            await host.close()
+    asyncio.run(go())
+
+
+def test_asym_saves_copy_into_page_locked_blocks_and_unlock_them(
+        policy: asymcheck.Policy) -> None:
+    model, opt = _model()
+    expected, handles = {}, []
+    with asymcheck.Checkpointer(model, opt, policy=policy, warmup_iterations=3) as ckpt:
+        for step in range(8):
+            _train(model, opt, step)
+            expected[step] = _state(model, opt)
+            handles.append(ckpt.save_sync(step))
+        for h in handles:
+            h.wait_all_sync(60)
+        assert {h.metrics["mode"] for h in handles[4:]} == {"asym"}
+        assert all(h.metrics["host_pinned"] for h in handles)
+        # spare blocks are pinned ahead of the save: no pinning on the training thread
+        assert any("host_pin_s" not in h.metrics for h in handles[1:])
+        # every committed block was unlocked; only the next save's spare block stays locked
+        assert all(b.key.startswith("staging/spare-") for b in ckpt._host_pins)
+        for step in (5, 7):
+            loaded = ckpt.load_sync(step)
+            assert loaded is not None
+            assert_same(expected[step]["model"], loaded.state["model"], f"step {step}")
+            assert_same(expected[step]["opt"], loaded.state["optimizers"][0], f"step {step}")
+    assert not ckpt._host_pins  # closing aborted the spare block, which unlocked it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compressed_device_state_restores_bit_exactly_onto_the_device(
+        tmp_path: Path, dtype: torch.dtype) -> None:
+    disk = textwrap.dedent(f"""
+        [[tier]]
+        name = "disk"
+        url = "file://{tmp_path / 'disk'}"
+        keep = 3
+        [compression]
+        mode = "always"
+        full_every = 2
+        min_bytes = 1
+    """)
+    policy, disk_only = tmp_path / "tiers.toml", tmp_path / "disk.toml"
+    policy.write_text('[[tier]]\nname = "host"\nurl = "shm://cuda"\nkeep = 1\n' + disk)
+    disk_only.write_text('[[tier]]\nname = "host"\nurl = "shm://empty"\nkeep = 1\n' + disk)
+    model, opt = _model(dtype)
+    with asymcheck.Checkpointer(model, opt, policy=policy, warmup_iterations=3) as ckpt:
+        for step in range(6):
+            _train(model, opt, step)
+            want = _state(model, opt)
+            handle = ckpt.save_sync(step)
+            handle.wait_all_sync(60)
+        codecs = handle.metrics["disk.compression"]
+    assert codecs["base_steps"], "the last checkpoint is a delta"
+    fresh, fresh_opt = _model(dtype)
+    _train(fresh, fresh_opt, 99)  # different values, same structure
+    with asymcheck.Checkpointer(fresh, fresh_opt, policy=disk_only) as ckpt:
+        assert ckpt.restore_sync() == 5  # from the disk: base + delta, decoded
+    got = _state(fresh, fresh_opt)
+    assert all(p.is_cuda for p in fresh.parameters())
+    assert_same(want["model"], got["model"])
+    assert_same(want["opt"], got["opt"])
