@@ -856,12 +856,21 @@ class Checkpointer:
             return self._load_ranks(step)
         return self._loop.call(self._load(step))
 
-    # ------------------------------------------------------------------ close
-    async def _drain(self) -> None:
+    # ------------------------------------------------------------------ idle
+    async def wait_idle(self) -> None:
+        """Wait until every save so far is staged and flushed to each of its tiers (or failed
+        there), and the retention that follows each commit is done. Saves may go on
+        afterwards; failures stay on the handles."""
+        self._finish_pending()
+        await self._loop.run(self._settle())
+
+    def wait_idle_sync(self) -> None:
+        """``wait_idle`` for plain (non-async) training loops."""
+        self._finish_pending()
+        self._loop.call(self._settle())
+
+    async def _settle(self) -> None:
         if self._open_task is None:
-            if self._dist is not None:
-                await self._dist.stop()
-                await self._dist.close()
             return
         await self._ensure_open()
         while self._commits or (self._scheduler and self._scheduler.pending):
@@ -870,6 +879,15 @@ class Checkpointer:
                                      return_exceptions=True)
             if self._scheduler:
                 await self._scheduler.join()
+
+    # ------------------------------------------------------------------ close
+    async def _drain(self) -> None:
+        if self._open_task is None:
+            if self._dist is not None:
+                await self._dist.stop()
+                await self._dist.close()
+            return
+        await self._settle()
         if self._dist is not None:  # the last global commits (every rank drains alike)
             await self._dist.stop()
         for task in list(self._spare_tasks):

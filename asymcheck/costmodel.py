@@ -68,6 +68,7 @@ class CostModel:
     max_batch_bytes: int = 256 << 20
     tiers: dict[str, LinearFit] = field(default_factory=dict)
     codecs: dict[str, LinearFit] = field(default_factory=dict)
+    seeded: set[str] = field(default_factory=set)
 
     def tier(self, name: str, scheme: str = "file") -> LinearFit:
         if name not in self.tiers:
@@ -78,6 +79,25 @@ class CostModel:
         if name not in self.codecs:
             self.codecs[name] = LinearFit(0.0, prior_bps)
         return self.codecs[name]
+
+    def seed_codec(self, name: str, nbytes: int, seconds: float) -> None:
+        """Replace a codec's prior throughput with one measured on a sample of real data
+        (single-threaded, so conservative); a codec with measured compressions keeps its fit."""
+        fit = self.codec(name)
+        if not fit.samples and nbytes > 0 and seconds > 0:
+            fit.throughput_bps, fit.latency_s = nbytes / seconds, 0.0
+            self.seeded.add(name)
+
+    def codec_known(self, name: str) -> bool:
+        """True once the codec's speed was measured on this job's data."""
+        return name in self.seeded or bool(self.codec(name).samples)
+
+    def compression_could_pay(self, tier: str, codec: str, nbytes: int) -> bool:
+        """T_c(n) < T_w(n): false when even an infinite ratio would not shorten the write, so
+        estimating the ratio is not worth its cost."""
+        write = self.tiers[tier]
+        return (nbytes >= self.min_compress_bytes
+                and self.codec(codec).time_s(nbytes) < nbytes / write.throughput_bps)
 
     def compression_pays(self, tier: str, codec: str, nbytes: int, ratio: float) -> bool:
         """T_c(n) + T_w(n / ratio) < T_w(n): compress only when it shortens time to durable."""

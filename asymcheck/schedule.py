@@ -266,21 +266,28 @@ class FlushScheduler:
         return base if same else None
 
     async def _choose(self, tier: str, st: _TierState, meta: TensorMeta, raw: memoryview,
-                      base_raw: memoryview | None) -> tuple[str, float | None]:
-        """The codec of one tensor on one tier, and the ratio it was expected to reach."""
+                      base_raw: memoryview | None) -> tuple[str, float | None, bool]:
+        """The codec of one tensor on one tier, the ratio it was expected to reach (None: not
+        estimated), and whether the cost model decided (large enough, mode not off)."""
         mode = self._policy.compression.mode
         if mode == "off" or meta.nbytes < self.cost.min_compress_bytes:
-            return "raw", None
+            return "raw", None, False
         codec = DELTA_CODEC if base_raw is not None else FULL_CODEC
         est = st.ratios.get((meta.path, codec))
+        if (est is None and mode == "auto" and self.cost.codec_known(codec)
+                and not self.cost.compression_could_pay(tier, codec, meta.nbytes)):
+            return "raw", None, True  # the tier writes faster than the codec compresses
         if est is None:  # first sight since the last full checkpoint: a sample, ~1 ms
+            t0 = time.perf_counter()
             est = await asyncio.to_thread(
                 estimate_ratio, raw, codec=codec, elem_size=_elem_size(meta), base=base_raw,
-                sample_bytes=256 << 10, level=self._policy.compression.level)
+                sample_bytes=_SAMPLE_BYTES, level=self._policy.compression.level)
+            self.cost.seed_codec(codec, min(meta.nbytes, _SAMPLE_BYTES),
+                                 time.perf_counter() - t0)
             st.ratios[(meta.path, codec)] = est  # achieved ratios replace it as they come
         if mode == "always" or self.cost.compression_pays(tier, codec, meta.nbytes, est):
-            return codec, est
-        return "raw", est
+            return codec, est, True
+        return "raw", est, True
 
     def _target_bytes(self, st: _TierState, manifest: Manifest) -> int | None:
         batch = st.policy.batch_bytes
@@ -314,15 +321,15 @@ class FlushScheduler:
                 if base is not None:
                     bfile, boff = tensor_span(base.tensors[i])
                     base_raw = base_views[bfile][boff:boff + meta.nbytes]
-                codec, est = await self._choose(tier.name, st, meta, raw, base_raw)
+                codec, est, decided = await self._choose(tier.name, st, meta, raw, base_raw)
                 chunks = await self._store(writer, st, meta, raw, views, codec, base,
                                            base_raw)
                 await writer.end_tensor()
                 stored = sum(c.stored_len for c in chunks)
                 raw_total += meta.nbytes
                 stored_total += stored
-                if est is not None:
-                    decisions.append([meta.path, codec, round(est, 4),
+                if decided:
+                    decisions.append([meta.path, codec, None if est is None else round(est, 4),
                                       round(meta.nbytes / max(stored, 1), 4)])
                 tensors.append(meta if codec == "raw" else replace(meta, chunks=tuple(chunks)))
             files = await writer.finish()
@@ -390,6 +397,10 @@ class FlushScheduler:
         st.ratios.clear()  # a new base: sample the ratios afresh
         if old is not None:
             await self._unpin(old.step)
+
+
+#: bytes of a tensor compressed to estimate its ratio
+_SAMPLE_BYTES = 256 << 10
 
 
 def _elem_size(meta: TensorMeta) -> int:

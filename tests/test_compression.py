@@ -167,6 +167,26 @@ def test_cost_model_compresses_only_where_it_pays() -> None:
     assert not cost.compression_pays("throttled", "shuffle", 64 << 20, ratio=1.0)
 
 
+def test_ratio_sampling_is_skipped_only_where_no_ratio_could_pay() -> None:
+    cost = CostModel(min_compress_bytes=1 << 20)
+    for name, bps in (("nvme", 3e9), ("throttled", 50e6)):
+        fit = cost.tier(name)
+        for n in (8 << 20, 64 << 20):
+            fit.add(n, n / bps)
+    assert not cost.codec_known("shuffle")  # a prior only: the first full samples anyway
+    cost.seed_codec("shuffle", 256 << 10, (256 << 10) / 500e6)  # a sample ran at 500 MB/s
+    assert cost.codec_known("shuffle")
+    assert cost.codec("shuffle").throughput_bps == pytest.approx(500e6)
+    assert not cost.compression_could_pay("nvme", "shuffle", 64 << 20)  # disk outruns zstd
+    assert cost.compression_could_pay("throttled", "shuffle", 64 << 20)
+    assert not cost.compression_could_pay("throttled", "shuffle", 1 << 10)  # too small
+    for n in (8 << 20, 64 << 20, 16 << 20):  # real compressions at ~5 GB/s replace the seed
+        cost.codec("shuffle").add(n, n / 5e9)
+    cost.seed_codec("shuffle", 256 << 10, 1.0)  # a slow sample no longer overrides them
+    assert cost.codec("shuffle").throughput_bps == pytest.approx(5e9, rel=0.01)
+    assert cost.compression_could_pay("nvme", "shuffle", 64 << 20)
+
+
 def test_linear_fit_recovers_latency_and_throughput() -> None:
     fit = LinearFit(latency_s=0.5, throughput_bps=1.0)
     for n in (1 << 10, 1 << 20, 16 << 20, 64 << 20):

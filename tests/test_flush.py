@@ -206,3 +206,27 @@ def test_on_full_wait_persists_every_checkpoint_and_reports_the_stall(tmp_path: 
     waited = [h for h in handles if h.metrics.get("backpressure_s", 0) > 0]
     assert waited, "a save must wait for the full queue"
     assert all(h.stall_s >= h.metrics["backpressure_s"] for h in waited)  # counted as stall
+
+
+def test_wait_idle_returns_once_every_flush_and_its_retention_is_done(tmp_path: Path) -> None:
+    model = _many_tensors(8, 256)
+    policy = _write(tmp_path, f"""
+        [[tier]]
+        name = "host"
+        url = "shm://idle"
+        keep = 1
+        [[tier]]
+        name = "slow"
+        url = "slowfile://{tmp_path / 'slow'}"
+        keep = 2
+        options = {{ bandwidth_bps = 8e6 }}
+    """)
+    with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
+        handles = [ckpt.save_sync(step) for step in range(4)]
+        assert not handles[-1].durable("slow").done()  # ~1 MB at 8 MB/s each: still queued
+        ckpt.wait_idle_sync()
+        assert all(h.durable("slow").done() for h in handles)
+        assert sorted(_manifests(tmp_path / "slow")) == [2, 3]  # retention ran too
+        handles[-1].durable("slow").wait(0)  # succeeded, not failed
+        ckpt.save_sync(4).wait_all_sync(60)  # saving goes on afterwards
+    assert sorted(_manifests(tmp_path / "slow")) == [3, 4]
