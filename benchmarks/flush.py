@@ -5,7 +5,10 @@ Side by side in one process run, on the same disk:
   shapes   (a) 8 large tensors, (b) 20,000 tensors of 4-64 KiB;
   flush    the local tier's flush of each state, batched (B* from the cost model) and
            unbatched (one file per tensor), timed from the host commit to durable.
-Prints throughput as a fraction of raw; writes benchmarks/results/flush.json.
+Raw, batched and unbatched writes alternate for --rounds rounds (the order rotates), since
+this kind of disk's bandwidth drifts from minute to minute; the fraction of raw is the
+median over rounds of flush / raw measured in the same round. Writes
+benchmarks/results/flush.json.
 
     python benchmarks/flush.py                # 1 GiB of state
     python benchmarks/flush.py --size 64MiB   # a quick run
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -75,35 +79,53 @@ def raw_write_gbps(directory: Path, nbytes: int, block: int = 8 << 20) -> float:
     return nbytes / seconds / 1e9
 
 
-def flush_gbps(directory: Path, state: dict[str, torch.Tensor], batch: str) -> dict[str, Any]:
-    nbytes = sum(t.nbytes for t in state.values())
-    work = directory / f"flush-{uuid.uuid4().hex[:8]}"
-    policy = asymcheck.Policy(tiers=(
-        asymcheck.TierPolicy(name="host", url=f"shm://asymcheck-bench-{work.name}", keep=1,
-                             capacity_bytes=4 * nbytes),
-        asymcheck.TierPolicy(name="local", url=f"file://{work}", keep=1,
-                             batch_bytes=batch if batch in ("auto", "off") else parse_size(batch)),
-    ))
-    with asymcheck.Checkpointer(None, None, policy=policy, extras={"state": TensorBag(state)},
-                                mode="naive") as ckpt:
-        ckpt.save_sync(0).wait_all_sync(600)  # warm-up: pages faulted in, fits seeded
-        h = ckpt.save_sync(1)
+class Flusher:
+    """A checkpointer whose local tier flushes ``state`` (batched or not); one save per call."""
+
+    def __init__(self, directory: Path, state: dict[str, torch.Tensor], batch: str) -> None:
+        self.nbytes = sum(t.nbytes for t in state.values())
+        self.work = directory / f"flush-{uuid.uuid4().hex[:8]}"
+        policy = asymcheck.Policy(tiers=(
+            asymcheck.TierPolicy(name="host", url=f"shm://asymcheck-bench-{self.work.name}",
+                                 keep=1, capacity_bytes=4 * self.nbytes),
+            asymcheck.TierPolicy(name="local", url=f"file://{self.work}", keep=1,
+                                 batch_bytes=batch if batch in ("auto", "off")
+                                 else parse_size(batch)),
+        ))
+        self.ckpt = asymcheck.Checkpointer(None, None, policy=policy,
+                                           extras={"state": TensorBag(state)}, mode="naive")
+        self.step = 0
+        self.last: asymcheck.SaveHandle | None = None
+        self.flush()  # warm-up: pages faulted in, fits seeded
+
+    def flush(self) -> float:
+        """Seconds from the host commit until durable on the local tier."""
+        h = self.ckpt.save_sync(self.step)
+        self.step += 1
         h.staged.wait(600)
-        t_staged = time.perf_counter()
+        t0 = time.perf_counter()
         h.durable("local").wait(600)
-        seconds = time.perf_counter() - t_staged
-        host_dir = ckpt.host.directory
-    files = sum(1 for p in work.rglob("*.bin"))
-    shutil.rmtree(work, ignore_errors=True)
-    shutil.rmtree(host_dir, ignore_errors=True)
-    return {"bytes": nbytes, "seconds": seconds, "gbps": nbytes / seconds / 1e9,
-            "files": files, "batch_bytes": h.metrics.get("local.batch_bytes"),
-            "fit": h.metrics.get("local.fit")}
+        seconds = time.perf_counter() - t0
+        self.ckpt.wait_idle_sync()  # retention of the previous step, untimed
+        self.last = h
+        return seconds
+
+    def close(self) -> dict[str, Any]:
+        files = sum(1 for _ in self.work.rglob("*.bin"))
+        host_dir = self.ckpt.host.directory
+        self.ckpt.close_sync()
+        shutil.rmtree(self.work, ignore_errors=True)
+        shutil.rmtree(host_dir, ignore_errors=True)
+        m = self.last.metrics if self.last is not None else {}
+        return {"files": files, "batch_bytes": m.get("local.batch_bytes"),
+                "fit": m.get("local.fit")}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="1GiB", help="bytes of state per shape")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of raw, batched and unbatched writes per shape (order rotates)")
     p.add_argument("--dir", default=None, help="a directory on the disk to measure")
     p.add_argument("--out", default=str(RESULTS / "flush.json"))
     args = p.parse_args(argv)
@@ -114,21 +136,40 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, state in shapes(total).items():
             nbytes = sum(t.nbytes for t in state.values())
-            raw = raw_write_gbps(base, nbytes)
-            for batch in ("auto", "off"):
-                r = flush_gbps(base, state, batch)
-                r.update(shape=name, batching="batched" if batch == "auto" else "unbatched",
-                         raw_gbps=raw, fraction_of_raw=r["gbps"] / raw)
+            flushers = {"batched": Flusher(base, state, "auto"),
+                        "unbatched": Flusher(base, state, "off")}
+            gbps: dict[str, list[float]] = {"raw": [], "batched": [], "unbatched": []}
+            try:
+                kinds = list(gbps)
+                for rnd in range(args.rounds):
+                    for kind in kinds[rnd % 3:] + kinds[:rnd % 3]:
+                        if kind == "raw":
+                            gbps[kind].append(raw_write_gbps(base, nbytes))
+                        else:
+                            gbps[kind].append(nbytes / flushers[kind].flush() / 1e9)
+            finally:
+                info = {kind: f.close() for kind, f in flushers.items()}
+            for kind in ("batched", "unbatched"):
+                fractions = [f / raw for f, raw in zip(gbps[kind], gbps["raw"], strict=True)]
+                r = {"shape": name, "batching": kind, "bytes": nbytes,
+                     "gbps": statistics.median(gbps[kind]),
+                     "raw_gbps": statistics.median(gbps["raw"]),
+                     "fraction_of_raw": statistics.median(fractions),
+                     "rounds": {"gbps": gbps[kind], "raw_gbps": gbps["raw"],
+                                "fraction_of_raw": fractions},
+                     **info[kind]}
                 rows.append(r)
-                print(f"{name:18s} {r['batching']:9s} {nbytes / 2**20:7.0f} MiB  "
-                      f"raw {raw:5.2f} GB/s  flush {r['gbps']:5.2f} GB/s  "
-                      f"= {r['fraction_of_raw']:.2f} of raw  ({r['files']} files, "
-                      f"B* {r['batch_bytes']})", flush=True)
+                print(f"{name:18s} {kind:9s} {nbytes / 2**20:5.0f} MiB  "
+                      f"raw {r['raw_gbps']:5.2f} GB/s  flush {r['gbps']:5.2f} GB/s  "
+                      f"= {r['fraction_of_raw']:.2f} of raw "
+                      f"(rounds: {', '.join(f'{x:.2f}' for x in fractions)})  "
+                      f"{r['files']} files, B* {r['batch_bytes']}", flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"size": total, "rows": rows}, indent=2, default=str))
+    out.write_text(json.dumps({"size": total, "rounds": args.rounds, "rows": rows}, indent=2,
+                              default=str))
     print(f"wrote {out}")
     return 0
 
