@@ -4,7 +4,8 @@ Measures, for one block of ``--mib`` MiB on /dev/shm (the host tier's memory):
 how long the calling thread is blocked by a ``non_blocking`` copy (the training thread, when a
 snapshot partition is launched in a forward or backward window), the copy's own time, and the
 cost of cudaHostRegister / cudaHostUnregister, which the checkpointer pays on a spare block
-off the training thread. Writes benchmarks/results/d2h.json.
+off the training thread; a buffer from cudaHostAlloc is the bandwidth reference.
+Writes benchmarks/results/d2h.json.
 
     python benchmarks/d2h.py --mib 1024
 """
@@ -58,6 +59,10 @@ async def measure(nbytes: int, repeats: int) -> dict[str, float]:
         if unregister is None:
             raise SystemExit("cudaHostRegister failed on a shared-memory block")
         res["pinned_blocked_s"], res["pinned_copy_s"] = _copy_times(dst, src, repeats)
+        # the reference: a buffer from the CUDA host allocator (cudaHostAlloc)
+        ref = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        res["hostalloc_blocked_s"], res["hostalloc_copy_s"] = _copy_times(ref, src, repeats)
+        del ref
         if not torch.equal(dst[: 1 << 20], src[: 1 << 20].cpu()):
             raise SystemExit("the pinned copy's bytes differ")
         t0 = time.perf_counter()
@@ -83,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     gb = res["bytes"] / 1e9
     print(f"{torch.cuda.get_device_name()}: {args.mib} MiB into /dev/shm, median of "
           f"{args.repeats}")
-    for kind in ("pageable", "pinned"):
+    for kind in ("pageable", "pinned", "hostalloc"):
         print(f"  {kind:9s} thread blocked {res[f'{kind}_blocked_s'] * 1e3:8.2f} ms   copy "
               f"{res[f'{kind}_copy_s'] * 1e3:8.2f} ms = {gb / res[f'{kind}_copy_s']:6.2f} GB/s")
+    print(f"  page-locked shared memory / cudaHostAlloc bandwidth = "
+          f"{res['hostalloc_copy_s'] / res['pinned_copy_s']:.2f}")
     print(f"  cudaHostRegister {res['register_s'] * 1e3:.1f} ms, "
           f"cudaHostUnregister {res['unregister_s'] * 1e3:.1f} ms")
     res["device"] = torch.cuda.get_device_name()

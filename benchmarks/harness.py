@@ -499,7 +499,8 @@ keep = 2
 
         def done(step: int = step) -> None:
             self.durable_at[step] = time.perf_counter()
-        _when_done(h.durable("local"), done)
+        if "local" in h.tiers:  # a policy may flush only every Nth save to disk
+            _when_done(h.durable("local"), done)
         return float(h.metrics["save_stall_s"])
 
     def stall_after_step(self) -> float:
@@ -539,7 +540,9 @@ keep = 2
         return [shm_root() / self._host_name()]
 
     def restore_tiers(self) -> list[str]:
-        return ["host", "local"]
+        """The tiers that hold the last checkpoint (a policy may skip the local tier)."""
+        last = self.handles[-1].tiers if self.handles else ("host", "local")
+        return [t for t in ("host", "local") if t in last]
 
     def restore_into(self, w: Workload, step: int, tier: str | None = None) -> None:
         """Restore from the fastest tier; with ``tier="local"`` the host copy is removed

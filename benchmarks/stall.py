@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--local-every", type=int, default=1,
+                   help="AsymCheck flushes every Nth save to the local disk (the rest stay in "
+                        "shared memory): measures the snapshot stall when the disk cannot keep "
+                        "up with a save every iteration")
     p.add_argument("--workdir", default=None, help="where checkpoints go (default: a tmp dir)")
     p.add_argument("--out", default=str(RESULTS / "stall.json"))
     args = p.parse_args(argv)
@@ -62,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
           f"of state; checkpoint every {args.every}; {args.iterations} timed iterations; "
           f"disk {info['disk_write_gbps']:.2f} GB/s; {info['cpu']} x{info['cores']}; "
           f"device {args.device}{' ' + str(info['cuda']) if info.get('cuda') else ''}")
-    methods: list[Method] = [NoCheckpoint(), AsymCheckMethod("asymcheck asym", "asym"),
-                             AsymCheckMethod("asymcheck naive", "naive"), DcpAsync(),
+    local = {"every": args.local_every} if args.local_every != 1 else {}
+    methods: list[Method] = [NoCheckpoint(), AsymCheckMethod("asymcheck asym", "asym", local=local),
+                             AsymCheckMethod("asymcheck naive", "naive", local=local), DcpAsync(),
                              TorchSave()]
     rows = []
     for m in methods:
