@@ -178,6 +178,8 @@ class Checkpointer:
         self._commits: set[concurrent.futures.Future[None]] = set()
         # delta bases each committed checkpoint needs, per (tier, step): retention keeps them
         self._base_steps: dict[tuple[str, int], list[int]] = {}
+        # one retention pass per tier at a time (two would race to delete the same step)
+        self._retain_locks: dict[str, asyncio.Lock] = {}
         # a host block reserved ahead of the next save, so save() need not wait for the loop
         self._spare_lock = threading.Lock()
         self._spare_block: HostBlock | None = None
@@ -665,15 +667,27 @@ class Checkpointer:
 
     async def _evict_one(self) -> bool:
         """Drop the oldest host checkpoint that no flush needs, never the newest one."""
-        steps = await committed_steps(self.host)
-        for s in steps[:-1]:
-            if not self._pins[s]:
-                log.info("host budget full: evicting step %d from %s", s, self.host.name)
-                await delete_checkpoint(self.host, s)
-                return True
+        async with self._retain_locks.setdefault(self.host.name, asyncio.Lock()):
+            steps = await committed_steps(self.host)
+            for s in steps[:-1]:
+                if not self._pins[s]:
+                    log.info("host budget full: evicting step %d from %s", s, self.host.name)
+                    await delete_checkpoint(self.host, s)
+                    return True
         return False
 
     async def _commit_staged(self, prep: _Prepared, block: HostBlock) -> None:
+        # Pinned from before its manifest is visible until its flushes hold their own pins:
+        # commits overlap, and a newer step's retention must not delete this one meanwhile.
+        self._pin(prep.step)
+        try:
+            await self._commit_staged_pinned(prep, block)
+        finally:
+            last = self._drop_pin(prep.step)
+        if last:  # its flushes finished meanwhile (or it has none): older copies may go now
+            await self._retain(self.host)
+
+    async def _commit_staged_pinned(self, prep: _Prepared, block: HostBlock) -> None:
         handle, host = prep.handle, self.host
         try:
             unpin = self._host_pins.pop(block, None)
@@ -728,12 +742,18 @@ class Checkpointer:
         self._pins[step] += 1
 
     async def _unpin(self, step: int) -> None:
-        self._pins[step] -= 1
-        if self._pins[step] <= 0:
-            del self._pins[step]
-            assert self._pins_changed is not None
-            self._pins_changed.set()
+        if self._drop_pin(step):
             await self._retain(self.host)
+
+    def _drop_pin(self, step: int) -> bool:
+        """Release one pin of ``step``; True when it was the last."""
+        self._pins[step] -= 1
+        if self._pins[step] > 0:
+            return False
+        del self._pins[step]
+        assert self._pins_changed is not None
+        self._pins_changed.set()
+        return True
 
     def _fail(self, handle: SaveHandle, tiers: Iterable[str], error: BaseException) -> None:
         log.error("checkpoint step %d failed on %s: %s", handle.step, ", ".join(tiers), error)
@@ -763,6 +783,11 @@ class Checkpointer:
     async def _retain(self, tier: Tier) -> None:
         """Keep the newest ``keep`` checkpoints, the delta bases they need, and pinned host
         copies; delete older ones (only ever after a newer one committed on this tier)."""
+        lock = self._retain_locks.setdefault(tier.name, asyncio.Lock())
+        async with lock:
+            await self._retain_locked(tier)
+
+    async def _retain_locked(self, tier: Tier) -> None:
         keep = self.policy.tier(tier.name).keep
         is_host = tier is self._tiers[self.policy.staging.name]
         if self._dist is not None:

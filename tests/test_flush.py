@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import asymcheck
 from asymcheck.manifest import Manifest
+from asymcheck.restore import load_checkpoint
 from asymcheck.schedule import TierSkipped
 from tests import fault_tiers
 from tests._util import assert_same
+from tiers.registry import open_tier
 
 
 @pytest.fixture(autouse=True)
@@ -230,3 +234,50 @@ def test_wait_idle_returns_once_every_flush_and_its_retention_is_done(tmp_path: 
         handles[-1].durable("slow").wait(0)  # succeeded, not failed
         ckpt.save_sync(4).wait_all_sync(60)  # saving goes on afterwards
     assert sorted(_manifests(tmp_path / "slow")) == [3, 4]
+
+
+def test_a_newer_commit_never_deletes_a_host_copy_whose_flush_is_not_queued_yet(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commits overlap: step 1's manifest is visible on the host tier while its commit has
+    not yet queued the flush; step 2's retention (host keep = 1) must leave step 1 alone."""
+    model = _many_tensors(8, 256)
+    policy = _write(tmp_path, """
+        [[tier]]
+        name = "host"
+        url = "shm://overlap"
+        keep = 1
+        [[tier]]
+        name = "disk"
+        url = "file:disk"
+        keep = 5
+    """)
+    with asymcheck.Checkpointer(model, None, policy=policy, mode="naive") as ckpt:
+        ckpt.save_sync(0).wait_all_sync(60)
+        host = ckpt.host
+        put = host.put
+
+        async def slow_after_manifest_1(key: str, data: Any) -> None:
+            await put(key, data)
+            if key == "step-000000000001/manifest.msgpack":
+                await asyncio.sleep(0.5)  # the loop resumes this commit late
+        monkeypatch.setattr(host, "put", slow_after_manifest_1)
+        expected = {}
+        handles = []
+        for step in (1, 2, 3):
+            with torch.no_grad():
+                model[0].weight.add_(1.0)
+            expected[step] = copy.deepcopy(model.state_dict())
+            handles.append(ckpt.save_sync(step))
+        for h in handles:
+            h.wait_all_sync(60)  # raises if a flush found its host copy gone
+    for step in (1, 2, 3):
+        got = asyncio.run(_load_disk(tmp_path / "disk", step))
+        assert_same(expected[step], got, f"step {step}")
+
+
+async def _load_disk(directory: Path, step: int) -> Any:
+    tier = open_tier(f"file://{directory}", name="disk")
+    try:
+        return (await load_checkpoint([tier], step)).state["model"]
+    finally:
+        await tier.close()
