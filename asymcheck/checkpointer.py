@@ -667,7 +667,7 @@ class Checkpointer:
 
     async def _evict_one(self) -> bool:
         """Drop the oldest host checkpoint that no flush needs, never the newest one."""
-        async with self._retain_locks.setdefault(self.host.name, asyncio.Lock()):
+        async with self._retain_lock(self.host):
             steps = await committed_steps(self.host)
             for s in steps[:-1]:
                 if not self._pins[s]:
@@ -681,13 +681,17 @@ class Checkpointer:
         # commits overlap, and a newer step's retention must not delete this one meanwhile.
         self._pin(prep.step)
         try:
-            await self._commit_staged_pinned(prep, block)
+            committed = await self._commit_staged_pinned(prep, block)
         finally:
             last = self._drop_pin(prep.step)
-        if last:  # its flushes finished meanwhile (or it has none): older copies may go now
+        if committed or last:  # older host copies may go now (this one too, once unpinned)
             await self._retain(self.host)
+        if committed:
+            self._want_spare(prep.layout.total_bytes)  # after retention: a freed block is reused
 
-    async def _commit_staged_pinned(self, prep: _Prepared, block: HostBlock) -> None:
+    async def _commit_staged_pinned(self, prep: _Prepared, block: HostBlock) -> bool:
+        """Commit the staged block and its manifest, then queue the flushes; False when the
+        commit failed (reported on the handle)."""
         handle, host = prep.handle, self.host
         try:
             unpin = self._host_pins.pop(block, None)
@@ -710,7 +714,7 @@ class Checkpointer:
             self._fail(handle, handle.tiers, e)
             if not isinstance(e, Exception):
                 raise
-            return
+            return False
         handle.staged.set_done()
         self._durable(handle, host.name)
         assert self._scheduler is not None
@@ -724,8 +728,7 @@ class Checkpointer:
                 continue
             self._pin(prep.step)
             await self._scheduler.submit(name, FlushJob(manifest, handle))
-        await self._retain(host)
-        self._want_spare(prep.layout.total_bytes)  # after retention: a freed block is reused
+        return True
 
     async def _flush_done(self, job: FlushJob, tier: str, error: BaseException | None) -> None:
         if error is None:
@@ -783,9 +786,12 @@ class Checkpointer:
     async def _retain(self, tier: Tier) -> None:
         """Keep the newest ``keep`` checkpoints, the delta bases they need, and pinned host
         copies; delete older ones (only ever after a newer one committed on this tier)."""
-        lock = self._retain_locks.setdefault(tier.name, asyncio.Lock())
-        async with lock:
+        async with self._retain_lock(tier):
             await self._retain_locked(tier)
+
+    def _retain_lock(self, tier: Tier) -> asyncio.Lock:
+        """Held while deleting from ``tier``: two passes would race to delete one step."""
+        return self._retain_locks.setdefault(tier.name, asyncio.Lock())
 
     async def _retain_locked(self, tier: Tier) -> None:
         keep = self.policy.tier(tier.name).keep
