@@ -208,7 +208,7 @@ async def _read_raw_in_bulk(tier: HostTier, step: int, man: Manifest,
     def copy_and_verify(part: list[tuple[int, list[tuple[ChunkMeta, str, int]]]]) -> list[int]:
         ok = []
         for i, chunks in part:
-            out = tensors[i].reshape(-1).view(torch.uint8).numpy()
+            out = np.frombuffer(tensor_bytes(tensors[i]), np.uint8)
             good = True
             for c, file, offset in chunks:
                 src = views[file]
