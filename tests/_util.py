@@ -1,11 +1,15 @@
-"""Helpers for tests: a tiny model, its training, and byte-exact state comparison."""
+"""Helpers for tests: a tiny model, its training, byte-exact state comparison, one-tier reads."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from typing import Any
 
 import torch
+
+from asymcheck.restore import LoadedCheckpoint, load_checkpoint
+from tiers.registry import open_tier
 
 
 class TinyNet(torch.nn.Module):
@@ -64,3 +68,18 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
             assert_same(x, y, f"{path}/{i}")
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def load_from(url: str, step: int | None = None, name: str = "only") -> LoadedCheckpoint | None:
+    """Read a checkpoint from one tier alone (no fallback to another tier)."""
+    out: list[LoadedCheckpoint | None] = []
+
+    async def run() -> None:  # returns nothing: asyncio.run may repr its result (slow)
+        tier = open_tier(url, name=name)
+        try:
+            out.append(await load_checkpoint([tier], step))
+        finally:
+            await tier.close()
+
+    asyncio.run(run())
+    return out[0]

@@ -14,8 +14,7 @@ import torch
 import asymcheck
 from asymcheck.costmodel import CostModel, LinearFit
 from asymcheck.manifest import Manifest
-from asymcheck.restore import load_checkpoint
-from tests._util import assert_same
+from tests._util import assert_same, load_from
 from tiers.registry import open_tier
 
 
@@ -80,16 +79,6 @@ def _manifests(disk: Path) -> dict[int, Manifest]:
     return out
 
 
-def _load_from(url: str, step: int) -> Any:
-    async def go() -> Any:
-        tier = open_tier(url, name="disk")
-        try:
-            return await load_checkpoint([tier], step)
-        finally:
-            await tier.close()
-    return asyncio.run(go())
-
-
 def test_delta_chains_keep_their_bases_and_restore_exactly(tmp_path: Path) -> None:
     expected = _run(_policy(tmp_path, "always", full_every=3, keep=4), saves=20)
     mans = _manifests(tmp_path / "disk")
@@ -104,7 +93,7 @@ def test_delta_chains_keep_their_bases_and_restore_exactly(tmp_path: Path) -> No
     for step, man in mans.items():
         codecs = {c.codec for t in man.tensors for c in t.chunks}
         assert codecs == ({"shuffle"} if man.info["compression"]["full"] else {"delta_sub"})
-        loaded = _load_from(f"file://{tmp_path / 'disk'}", step)
+        loaded = load_from(f"file://{tmp_path / 'disk'}", step)
         assert_same(expected[step]["model"], loaded.state["model"], f"step {step}")
         assert_same(expected[step]["opt"], loaded.state["optimizers"][0], f"step {step}")
 
@@ -135,7 +124,7 @@ def test_a_corrupt_base_never_yields_wrong_tensors(tmp_path: Path) -> None:
         assert _manifests(tmp_path / disk)[2].info["compression"]["base_steps"] == [0]
     _corrupt_first_chunk(tmp_path / "disk", 0)
     with pytest.raises(asymcheck.RestoreError, match="base step 0"):
-        _load_from(f"file://{tmp_path / 'disk'}", 2)
+        load_from(f"file://{tmp_path / 'disk'}", 2)
     # with every tier in play (host wiped), the mirror's copy of the base is used
     model, opt = _model()
     pol = asymcheck.load_policy(_policy(tmp_path, "always", full_every=10, second_disk=True))

@@ -15,11 +15,9 @@ import torch
 
 import asymcheck
 from asymcheck.manifest import Manifest
-from asymcheck.restore import load_checkpoint
 from asymcheck.schedule import TierSkipped
 from tests import fault_tiers
-from tests._util import assert_same
-from tiers.registry import open_tier
+from tests._util import assert_same, load_from
 
 
 @pytest.fixture(autouse=True)
@@ -271,13 +269,7 @@ def test_a_newer_commit_never_deletes_a_host_copy_whose_flush_is_not_queued_yet(
         for h in handles:
             h.wait_all_sync(60)  # raises if a flush found its host copy gone
     for step in (1, 2, 3):
-        got = asyncio.run(_load_disk(tmp_path / "disk", step))
-        assert_same(expected[step], got, f"step {step}")
+        loaded = load_from(f"file://{tmp_path / 'disk'}", step)
+        assert loaded is not None
+        assert_same(expected[step], loaded.state["model"], f"step {step}")
 
-
-async def _load_disk(directory: Path, step: int) -> Any:
-    tier = open_tier(f"file://{directory}", name="disk")
-    try:
-        return (await load_checkpoint([tier], step)).state["model"]
-    finally:
-        await tier.close()

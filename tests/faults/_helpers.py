@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import time
@@ -14,10 +13,9 @@ import torch
 
 import asymcheck
 from asymcheck.manifest import ChunkMeta, Manifest, manifest_key
-from asymcheck.restore import LoadedCheckpoint, load_checkpoint
+from asymcheck.restore import LoadedCheckpoint
 from tests._util import make_training, snapshot
 from tests.faults._stats import FaultStats
-from tiers.registry import open_tier
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = "manifest.msgpack"
@@ -126,21 +124,6 @@ def restore_fresh(policy: asymcheck.Policy, step: int | None = None, *, width: i
                                 mode="naive") as ckpt:
         restored = ckpt.restore_sync(step)
     return restored, snapshot(model, opt, sched)
-
-
-def load_from(url: str, step: int | None = None, name: str = "only") -> LoadedCheckpoint | None:
-    """Read a checkpoint from one tier alone (no fallback to another tier)."""
-    out: list[LoadedCheckpoint | None] = []
-
-    async def run() -> None:  # returns nothing: asyncio.run may repr its result (slow)
-        tier = open_tier(url, name=name)
-        try:
-            out.append(await load_checkpoint([tier], step))
-        finally:
-            await tier.close()
-
-    asyncio.run(run())
-    return out[0]
 
 
 def load_ref(path: Path) -> Any:

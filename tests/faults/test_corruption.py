@@ -20,13 +20,12 @@ import pytest
 
 import asymcheck
 from asymcheck.manifest import manifest_key
-from tests._util import make_training, snapshot, train_steps
+from tests._util import load_from, make_training, snapshot, train_steps
 from tests.faults._helpers import (
     compare,
     file_dir,
     flip_byte,
     host_dir,
-    load_from,
     locate,
     read_manifest_file,
     restore_fresh,

@@ -24,8 +24,8 @@ import pytest
 
 import asymcheck
 from asymcheck.manifest import checksum, manifest_key
-from tests._util import make_training, train_steps
-from tests.faults._helpers import REPO, host_dir, load_from
+from tests._util import load_from, make_training, train_steps
+from tests.faults._helpers import REPO, host_dir
 from tests.faults._stats import FaultStats
 
 STEP = 5

@@ -36,13 +36,13 @@ from typing import Any
 import pytest
 
 import asymcheck
+from tests._util import load_from
 from tests.faults._helpers import (
     REPO,
     committed_steps,
     compare,
     file_dir,
     host_dir,
-    load_from,
     load_ref,
     loaded_as_snapshot,
     read_manifest_file,

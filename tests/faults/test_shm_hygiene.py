@@ -20,13 +20,12 @@ import pytest
 
 import asymcheck
 from asymcheck import cli
-from tests._util import make_training, snapshot, train_steps
+from tests._util import load_from, make_training, snapshot, train_steps
 from tests.faults._helpers import (
     MANIFEST,
     committed_steps,
     compare,
     host_dir,
-    load_from,
     loaded_as_snapshot,
     read_manifest_file,
     restore_fresh,

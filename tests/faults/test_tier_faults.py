@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 
 import asymcheck
-from tests._util import make_training, snapshot, train_steps
+from tests._util import load_from, make_training, snapshot, train_steps
 from tests.faults._faulty import FaultPlan
 from tests.faults._helpers import (
     committed_steps,
     compare,
-    load_from,
     loaded_as_snapshot,
     read_manifest_file,
     restore_fresh,
