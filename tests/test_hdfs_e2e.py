@@ -273,6 +273,37 @@ options = {{ timeout_s = {timeout_s:g}, chunk_bytes = 1048576 }}
     return path
 
 
+def _commit_again_then_close(ckpt: asymcheck.Checkpointer, model: torch.nn.Module,
+                             opt: torch.optim.Optimizer, sched: Any, *, step: int,
+                             failures: int) -> dict[str, Any]:
+    """After an HDFS fault: the same Checkpointer commits ``step`` on both tiers, and closing
+    it reports the earlier HDFS failures once. Returns the state saved at ``step``."""
+    train_steps(model, opt, sched, 1)
+    expected = snapshot(model, opt, sched)
+    handle = ckpt.save_sync(step)
+    handle.durable("hdfs").wait(60)
+    handle.durable("local").wait(60)
+    with pytest.raises(asymcheck.CheckpointError, match=f"{failures} checkpoint operation"):
+        ckpt.close_sync()
+    return expected
+
+
+def _restore_from_hdfs_alone(hdfs_url: str, step: int, expected: dict[str, Any],
+                             seed: int) -> None:
+    """A new job whose only durable tier is HDFS restores ``step``, every tensor from HDFS,
+    bit-exactly."""
+    only_hdfs = asymcheck.Policy(tiers=(
+        TierPolicy(name="host", url=f"shm://hdfs-alone-{uuid.uuid4().hex[:12]}"),
+        TierPolicy(name="hdfs", url=hdfs_url, options={"timeout_s": FAULT_TIMEOUT_S})))
+    model, opt, sched = make_training(seed=seed, width=1536)
+    with asymcheck.Checkpointer(model, opt, policy=only_hdfs, extras={"sched": sched}) as ckpt:
+        loaded = ckpt.load_sync()
+        assert loaded is not None and loaded.step == step
+        assert loaded.sources == {"hdfs": len(loaded.manifest.tensors)}
+        assert ckpt.restore_sync() == step
+    assert_same(expected, snapshot(model, opt, sched))
+
+
 def test_namenode_killed_during_a_flush(tmp_path: Path, minidfs: str, hdfs_url: str,
                                         monkeypatch: pytest.MonkeyPatch,
                                         record_property: Any) -> None:
@@ -325,30 +356,15 @@ def test_namenode_killed_during_a_flush(tmp_path: Path, minidfs: str, hdfs_url: 
         assert manifest_key(2) not in leftovers  # data without a manifest: invisible to restore
 
         # The same Checkpointer (and its HDFS client) commits the next save there.
-        train_steps(model, opt, sched, 1)
-        expected = snapshot(model, opt, sched)
-        h5 = ckpt.save_sync(5)
-        h5.durable("hdfs").wait(60)
-        h5.durable("local").wait(60)
         closed = True
-        with pytest.raises(asymcheck.CheckpointError, match="3 checkpoint operation"):
-            ckpt.close_sync()  # the three HDFS failures, reported once
+        expected = _commit_again_then_close(ckpt, model, opt, sched, step=5, failures=3)
     finally:
         if not closed:
             with contextlib.suppress(asymcheck.CheckpointError):
                 ckpt.close_sync()
 
     # A new job that has only HDFS restores step 5; opening the tier drops step 2's leftovers.
-    only_hdfs = asymcheck.Policy(tiers=(
-        TierPolicy(name="host", url=f"shm://fault-new-{uuid.uuid4().hex[:12]}"),
-        TierPolicy(name="hdfs", url=hdfs_url, options={"timeout_s": FAULT_TIMEOUT_S})))
-    model2, opt2, sched2 = make_training(seed=6, width=1536)
-    with asymcheck.Checkpointer(model2, opt2, policy=only_hdfs, extras={"sched": sched2}) as c2:
-        loaded = c2.load_sync()
-        assert loaded is not None and loaded.step == 5
-        assert loaded.sources == {"hdfs": len(loaded.manifest.tensors)}
-        assert c2.restore_sync() == 5
-    assert_same(expected, snapshot(model2, opt2, sched2))
+    _restore_from_hdfs_alone(hdfs_url, 5, expected, seed=6)
 
     async def final_state() -> tuple[list[int], list[str], int, list[str]]:
         async with HdfsTier(hdfs_url) as tier:
@@ -401,14 +417,8 @@ def test_hung_namenode_fails_within_timeout(tmp_path: Path, minidfs: str, hdfs_u
         assert thawed.returncode == 0, thawed.stderr
         assert detect_s < timeout_s + 3, f"the failure took {detect_s:.1f} s to surface"
 
-        train_steps(model, opt, sched, 1)
-        expected = snapshot(model, opt, sched)
-        h3 = ckpt.save_sync(3)
-        h3.durable("hdfs").wait(60)
-        h3.durable("local").wait(60)
         closed = True
-        with pytest.raises(asymcheck.CheckpointError, match="1 checkpoint operation"):
-            ckpt.close_sync()
+        expected = _commit_again_then_close(ckpt, model, opt, sched, step=3, failures=1)
     finally:
         if not closed:
             with contextlib.suppress(asymcheck.CheckpointError):
@@ -418,13 +428,7 @@ def test_hung_namenode_fails_within_timeout(tmp_path: Path, minidfs: str, hdfs_u
         async with HdfsTier(hdfs_url) as tier:
             return await committed_steps(tier)
     assert _run(hdfs_state()) == [1, 3]
-    model2, opt2, sched2 = make_training(seed=8, width=1536)
-    only_hdfs = asymcheck.Policy(tiers=(
-        TierPolicy(name="host", url=f"shm://hung-new-{uuid.uuid4().hex[:12]}"),
-        TierPolicy(name="hdfs", url=hdfs_url)))
-    with asymcheck.Checkpointer(model2, opt2, policy=only_hdfs, extras={"sched": sched2}) as c2:
-        assert c2.restore_sync() == 3
-    assert_same(expected, snapshot(model2, opt2, sched2))
+    _restore_from_hdfs_alone(hdfs_url, 3, expected, seed=8)
 
     summary = (f"NameNode hung (SIGSTOP) mid-flush, timeout_s={timeout_s:g}: HDFS durable "
                f"failed {detect_s:.2f} s after the freeze ({info.value})")
