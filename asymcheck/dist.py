@@ -115,6 +115,7 @@ class RankScopedTier(Tier):
     def __init__(self, inner: Tier, rank: int) -> None:
         super().__init__(inner.url, name=inner.name, capacity_bytes=inner.capacity_bytes)
         self.scheme = inner.scheme
+        self.concurrent_puts = inner.concurrent_puts
         self.inner = inner
         self.rank = rank
         self._dir = rank_dir(rank)

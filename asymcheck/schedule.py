@@ -15,6 +15,7 @@ holds back another. For each checkpoint and tier the worker
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -81,7 +82,8 @@ def tensor_span(meta: TensorMeta) -> tuple[str, int]:
 
 
 class _BatchWriter:
-    """Packs stored data into files of about ``target_bytes``, one write in flight.
+    """Packs stored data into files of about ``target_bytes``, with up to
+    ``tier.concurrent_puts`` writes in flight.
 
     Raw tensors that lie back to back in a host file are written as one slice of it
     (alignment padding included), so many small tensors cost one buffer, not one each.
@@ -96,7 +98,7 @@ class _BatchWriter:
         self._size = 0  # bytes in _parts, not counting the open region
         self._region: list[Any] | None = None  # [host file, host view, start, end]
         self._index = 0
-        self._inflight: asyncio.Task[None] | None = None
+        self._inflight: collections.deque[asyncio.Task[None]] = collections.deque()
         self.files: list[FileMeta] = []
         self.segments: list[Segment] = []
 
@@ -147,12 +149,12 @@ class _BatchWriter:
 
     async def _emit(self) -> None:
         self._close_region()
-        if self._inflight is not None:
-            await self._inflight
+        while len(self._inflight) >= max(1, self._tier.concurrent_puts):
+            await self._inflight.popleft()
         name, parts, size = self._name, self._parts, self._size
         self.files.append(FileMeta(name, size))
         self._parts, self._size, self._index = [], 0, self._index + 1
-        self._inflight = asyncio.ensure_future(self._write(name, parts, size))
+        self._inflight.append(asyncio.ensure_future(self._write(name, parts, size)))
 
     async def _write(self, name: str, parts: list[Any], size: int) -> None:
         t0 = time.perf_counter()
@@ -162,14 +164,15 @@ class _BatchWriter:
     async def finish(self) -> list[FileMeta]:
         if self._pending or not self.files:
             await self._emit()
-        if self._inflight is not None:
-            await self._inflight
+        while self._inflight:
+            await self._inflight.popleft()
         return self.files
 
     async def cancel(self) -> None:
-        if self._inflight is not None and not self._inflight.done():
-            self._inflight.cancel()
-            await asyncio.gather(self._inflight, return_exceptions=True)
+        for task in self._inflight:
+            task.cancel()
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+        self._inflight.clear()
 
 
 class FlushScheduler:

@@ -2,12 +2,14 @@
 
 Side by side in one process run, on the same disk:
   raw      a plain loop of large os.write calls + fsync (the disk's own figure);
+  raw+sync the same loop with an fsync every 128 MiB, a stronger reference where one final
+           fsync lets the page cache fill until writers are throttled;
   shapes   (a) 8 large tensors, (b) 20,000 tensors of 4-64 KiB;
   flush    the local tier's flush of each state, batched (B* from the cost model) and
            unbatched (one file per tensor), timed from the host commit to durable.
-Raw, batched and unbatched writes alternate for --rounds rounds (the order rotates), since
-this kind of disk's bandwidth drifts from minute to minute; the fraction of raw is the
-median over rounds of flush / raw measured in the same round. Writes
+The four kinds of writes alternate for --rounds rounds (the order rotates), since this kind
+of disk's bandwidth drifts from minute to minute; the fraction of raw is the median over
+rounds of flush / raw measured in the same round (and likewise for raw+sync). Writes
 benchmarks/results/flush.json.
 
     python benchmarks/flush.py                # 1 GiB of state
@@ -62,15 +64,19 @@ def shapes(total: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     return {"8 large tensors": large, "20k small tensors": small}
 
 
-def raw_write_gbps(directory: Path, nbytes: int, block: int = 8 << 20) -> float:
+def raw_write_gbps(directory: Path, nbytes: int, block: int = 8 << 20,
+                   sync_every: int | None = None) -> float:
     buf = os.urandom(block)
     path = directory / f"raw-{uuid.uuid4().hex}"
     t0 = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        written = 0
+        written = synced = 0
         while written < nbytes:
             written += os.write(fd, buf[:min(block, nbytes - written)])
+            if sync_every is not None and written - synced >= sync_every:
+                os.fsync(fd)
+                synced = written
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -124,8 +130,8 @@ class Flusher:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="1GiB", help="bytes of state per shape")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="rounds of raw, batched and unbatched writes per shape (order rotates)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds of the four kinds of writes per shape (order rotates)")
     p.add_argument("--dir", default=None, help="a directory on the disk to measure")
     p.add_argument("--out", default=str(RESULTS / "flush.json"))
     args = p.parse_args(argv)
@@ -138,31 +144,43 @@ def main(argv: list[str] | None = None) -> int:
             nbytes = sum(t.nbytes for t in state.values())
             flushers = {"batched": Flusher(base, state, "auto"),
                         "unbatched": Flusher(base, state, "off")}
-            gbps: dict[str, list[float]] = {"raw": [], "batched": [], "unbatched": []}
+            gbps: dict[str, list[float]] = {"raw": [], "raw+sync": [], "batched": [],
+                                             "unbatched": []}
             try:
                 kinds = list(gbps)
                 for rnd in range(args.rounds):
-                    for kind in kinds[rnd % 3:] + kinds[:rnd % 3]:
+                    k = rnd % len(kinds)
+                    for kind in kinds[k:] + kinds[:k]:
                         if kind == "raw":
                             gbps[kind].append(raw_write_gbps(base, nbytes))
+                        elif kind == "raw+sync":
+                            gbps[kind].append(raw_write_gbps(base, nbytes, sync_every=128 << 20))
                         else:
                             gbps[kind].append(nbytes / flushers[kind].flush() / 1e9)
             finally:
                 info = {kind: f.close() for kind, f in flushers.items()}
             for kind in ("batched", "unbatched"):
                 fractions = [f / raw for f, raw in zip(gbps[kind], gbps["raw"], strict=True)]
+                synced = [f / raw for f, raw in zip(gbps[kind], gbps["raw+sync"], strict=True)]
                 r = {"shape": name, "batching": kind, "bytes": nbytes,
                      "gbps": statistics.median(gbps[kind]),
                      "raw_gbps": statistics.median(gbps["raw"]),
+                     "raw_sync_gbps": statistics.median(gbps["raw+sync"]),
                      "fraction_of_raw": statistics.median(fractions),
+                     "fraction_of_raw_sync": statistics.median(synced),
                      "rounds": {"gbps": gbps[kind], "raw_gbps": gbps["raw"],
-                                "fraction_of_raw": fractions},
+                                "raw_sync_gbps": gbps["raw+sync"],
+                                "fraction_of_raw": fractions,
+                                "fraction_of_raw_sync": synced},
                      **info[kind]}
                 rows.append(r)
                 print(f"{name:18s} {kind:9s} {nbytes / 2**20:5.0f} MiB  "
                       f"raw {r['raw_gbps']:5.2f} GB/s  flush {r['gbps']:5.2f} GB/s  "
                       f"= {r['fraction_of_raw']:.2f} of raw "
-                      f"(rounds: {', '.join(f'{x:.2f}' for x in fractions)})  "
+                      f"(rounds: {', '.join(f'{x:.2f}' for x in fractions)}); "
+                      f"{r['fraction_of_raw_sync']:.2f} of raw+sync "
+                      f"({r['raw_sync_gbps']:.2f} GB/s; rounds: "
+                      f"{', '.join(f'{x:.2f}' for x in synced)})  "
                       f"{r['files']} files, B* {r['batch_bytes']}", flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)

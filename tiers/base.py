@@ -75,6 +75,9 @@ class Tier(abc.ABC):
 
     #: URL scheme this tier serves, e.g. ``"file"``.
     scheme: str = ""
+    #: How many puts of one flush may run at once: 2 lets a file be written while the
+    #: previous one syncs; 1 keeps a single stream.
+    concurrent_puts: int = 1
 
     def __init__(self, url: str, *, name: str | None = None,
                  capacity_bytes: int | None = None) -> None:

@@ -50,6 +50,8 @@ class LocalTier(Tier):
     """Files under a root directory; every put is durable when it returns."""
 
     scheme = "file"
+    # The next file goes into the page cache while the disk syncs the previous one.
+    concurrent_puts = 2
 
     def __init__(self, url: str, *, name: str | None = None,
                  capacity_bytes: int | None = None, fsync: bool = True) -> None:
