@@ -30,6 +30,14 @@ Clients are shared per (URL authority, config) and live as long as the process: 
 tasks is still about to wake a Python coroutine (after a panic or a cancelled call) the two
 threads deadlock (seen with hdfs-native 0.14.7). ``close()`` therefore releases only the tier.
 
+Each shared client awaits one call at a time, whatever the thread or event loop (a gate, taken
+inside the call's ``timeout_s``). In hdfs-native 0.14.7 a call is started on the calling
+thread, which holds the GIL while it locks the connection's table of pending calls; when the
+NameNode connection fails, the client's reader thread holds that lock while it wakes every
+pending Python awaiter, which needs the GIL. Two calls in flight, one starting while the
+other fails, froze the whole process. With one call at a time, the reader never has a Python
+awaiter to wake while a new call waits for the table.
+
 Options (keyword arguments, e.g. from the tier policy file): ``timeout_s`` (default 60),
 ``config`` (``dict[str, str]`` of Hadoop client settings, merged over the defaults below),
 ``chunk_bytes`` (default 8 MiB; a put copies one chunk at a time into ``bytes`` for the
@@ -39,6 +47,7 @@ client), ``replication`` and ``block_size`` for new files.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import posixpath
 import secrets
@@ -83,31 +92,61 @@ DEFAULT_CONFIG: dict[str, str] = {
     "dfs.client.failover.sleep.max.millis": "1000",
 }
 
-_CLIENTS: dict[tuple[str, tuple[tuple[str, str], ...]], AsyncClient] = {}
+class _Gate:
+    """A lock for coroutines of any thread or event loop: ``async with gate`` polls a
+    ``threading.Lock`` (a cancelled waiter never holds it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    async def __aenter__(self) -> None:
+        delay = 0.0002
+        while not self._lock.acquire(blocking=False):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.005)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+_CLIENTS: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[AsyncClient, _Gate]] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
-def _shared_client(fs_url: str, config: Mapping[str, str]) -> AsyncClient:
-    """One client per (authority, config) for the whole process; never dropped (see above)."""
+def _shared(fs_url: str, config: Mapping[str, str]) -> tuple[AsyncClient, _Gate]:
+    """One client (and its gate) per (authority, config) for the whole process; never
+    dropped (see above)."""
     key = (fs_url, tuple(sorted(config.items())))
     with _CLIENTS_LOCK:
-        client = _CLIENTS.get(key)
-        if client is None:
-            client = _CLIENTS[key] = AsyncClient(fs_url, dict(config))
-        return client
+        shared = _CLIENTS.get(key)
+        if shared is None:
+            shared = _CLIENTS[key] = (AsyncClient(fs_url, dict(config)), _Gate())
+        return shared
 
 
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError)
 
 
-if sys.version_info >= (3, 11):
-    async def _bounded(aw: Awaitable[T], timeout_s: float) -> T:
-        """``await aw`` in this task, raising TimeoutError after ``timeout_s``."""
-        async with asyncio.timeout(timeout_s):
+async def _gated(aw: Awaitable[T], gate: _Gate) -> T:
+    try:
+        async with gate:
             return await aw
+    finally:
+        if inspect.iscoroutine(aw) and inspect.getcoroutinestate(aw) == inspect.CORO_CREATED:
+            aw.close()  # timed out or cancelled waiting for the gate
+
+
+if sys.version_info >= (3, 11):
+    async def _bounded(aw: Awaitable[T], timeout_s: float, gate: _Gate) -> T:
+        """``await aw`` in this task once ``gate`` is taken, raising TimeoutError after
+        ``timeout_s`` (waiting for the gate included)."""
+        async with asyncio.timeout(timeout_s):
+            return await _gated(aw, gate)
 else:  # pragma: no cover - Python 3.10
-    async def _bounded(aw: Awaitable[T], timeout_s: float) -> T:
-        """``await aw`` in this task, raising TimeoutError after ``timeout_s``."""
+    async def _bounded(aw: Awaitable[T], timeout_s: float, gate: _Gate) -> T:
+        """``await aw`` in this task once ``gate`` is taken, raising TimeoutError after
+        ``timeout_s`` (waiting for the gate included)."""
+        aw = _gated(aw, gate)
         task = asyncio.current_task()
         assert task is not None
         fired = False
@@ -185,6 +224,7 @@ class HdfsTier(Tier):
             **{str(k): str(v) for k, v in (config or {}).items()},
         }
         self._client: AsyncClient | None = None
+        self._gate = _Gate()  # replaced by the shared client's
         self._closed = False
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -202,7 +242,7 @@ class HdfsTier(Tier):
             raise TierError(f"{self.name}: {op} {key!r} on {self.url}: the tier is closed")
         if self._client is None:
             try:
-                self._client = _shared_client(self._fs_url, self.config)
+                self._client, self._gate = _shared(self._fs_url, self.config)
             except BaseException as exc:
                 self._fail(op, key, exc)
         return self._client
@@ -229,7 +269,7 @@ class HdfsTier(Tier):
     async def _call(self, op: str, key: str, aw: Awaitable[T], *,
                     missing_is_not_found: bool = False) -> T:
         try:
-            return await _bounded(aw, self.timeout_s)
+            return await _bounded(aw, self.timeout_s, self._gate)
         except BaseException as exc:
             self._fail(op, key, exc, missing_is_not_found=missing_is_not_found)
 
@@ -267,7 +307,7 @@ class HdfsTier(Tier):
             it = client.list_status(directory, recursive=True)
             while True:
                 try:
-                    out.append(await _bounded(it.__anext__(), self.timeout_s))
+                    out.append(await _bounded(it.__anext__(), self.timeout_s, self._gate))
                 except StopAsyncIteration:
                     return out
         except FileNotFoundError:
@@ -281,7 +321,7 @@ class HdfsTier(Tier):
         async def remove() -> None:
             try:
                 client = self._get_client("discard", key)
-                await _bounded(client.delete(path, False), self.timeout_s)
+                await _bounded(client.delete(path, False), self.timeout_s, self._gate)
             except _PASS_THROUGH:
                 raise
             except BaseException as exc:
@@ -416,5 +456,11 @@ class HdfsTier(Tier):
             return
         self._closed = True
         if self._cleanups:
-            await asyncio.wait(list(self._cleanups), timeout=self.timeout_s)
+            # Each delete ends within timeout_s; cancel any straggler rather than leave a
+            # call pending on a loop that may stop.
+            cleanups = list(self._cleanups)
+            await asyncio.wait(cleanups, timeout=self.timeout_s + 1.0)
+            for task in cleanups:
+                task.cancel()
+            await asyncio.gather(*cleanups, return_exceptions=True)
         self._client = None

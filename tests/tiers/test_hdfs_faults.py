@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ pytest.importorskip("hdfs_native")
 from hdfs_native import AsyncClient
 
 from tiers.base import KeyNotFound, TierError
-from tiers.hdfs import HdfsTier, _shared_client
+from tiers.hdfs import HdfsTier, _Gate, _shared
 
 TIMEOUT_S = 5.0
 MARGIN_S = 3.0
@@ -71,6 +72,45 @@ async def test_tier_recovers_after_panic() -> None:
             await tier.stat("k")
     await tier.close()
     await tier.close()  # idempotent
+
+
+def test_the_client_gate_admits_one_call_at_a_time_across_threads_and_loops() -> None:
+    gate = _Gate()
+    inside = peak = admitted = 0
+    count = threading.Lock()
+
+    async def call() -> None:
+        nonlocal inside, peak, admitted
+        async with gate:
+            with count:
+                inside += 1
+                peak = max(peak, inside)
+                admitted += 1
+            await asyncio.sleep(0.002)
+            with count:
+                inside -= 1
+
+    async def calls() -> None:
+        await asyncio.gather(*(call() for _ in range(8)))
+
+    threads = [threading.Thread(target=asyncio.run, args=(calls(),)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert admitted == 24 and peak == 1
+
+
+async def test_a_call_cancelled_while_waiting_for_the_gate_does_not_hold_it() -> None:
+    gate = _Gate()
+    async with gate:
+        waiter = asyncio.ensure_future(gate.__aenter__())
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    await asyncio.wait_for(gate.__aenter__(), 1.0)  # free again
+    await gate.__aexit__()
 
 
 # ------------------------------------------------------------------ against the cluster
@@ -137,7 +177,7 @@ async def test_failed_put_leaves_nothing_visible(tier: HdfsTier,
 @pytest.mark.hdfs
 async def test_tmp_names_are_not_keys(tier: HdfsTier) -> None:
     await tier.put("a/b", b"1")
-    client = _shared_client(tier._fs_url, tier.config)
+    client = _shared(tier._fs_url, tier.config)[0]
     w = await client.create(tier._base + "/a/b.tmp-123-0123456789abcdef")
     await w.write(b"partial")
     await w.close()
@@ -149,3 +189,40 @@ async def test_tmp_names_are_not_keys(tier: HdfsTier) -> None:
     assert await hdfs_raw_files(tier) == ["a/b"]
     with pytest.raises(KeyNotFound):
         await tier.get("a/missing")
+
+
+@pytest.mark.hdfs
+def test_tiers_on_two_event_loops_share_the_client_and_its_gate(hdfs_root: str) -> None:
+    url = f"{hdfs_root}/faults/{uuid.uuid4().hex}"
+    gates: list[_Gate] = []
+
+    async def traffic(rank: int) -> None:
+        async with HdfsTier(url, name=f"remote{rank}", chunk_bytes=4096) as tier:
+            blobs = {f"r{rank}/k{i}": bytes([rank, i]) * 5000 for i in range(12)}
+            await asyncio.gather(*(tier.put(k, v) for k, v in blobs.items()))
+            got = await asyncio.gather(*(tier.get(k) for k in blobs))
+            assert got == list(blobs.values())
+            gates.append(tier._gate)
+
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            asyncio.run(traffic(rank))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert len(gates) == 2 and gates[0] is gates[1]
+
+    async def cleanup() -> None:
+        async with HdfsTier(url) as tier:
+            assert len(await tier.list()) == 24
+            await tier.delete_prefix("")
+
+    asyncio.run(cleanup())

@@ -33,10 +33,10 @@ def hdfs_base_url() -> str:
 
 async def hdfs_raw_files(tier: Tier) -> list[str]:
     """Every file under an HDFS tier's base directory, temporary ones included."""
-    from tiers.hdfs import HdfsTier, _shared_client
+    from tiers.hdfs import HdfsTier, _shared
 
     assert isinstance(tier, HdfsTier)
-    client = _shared_client(tier._fs_url, tier.config)
+    client = _shared(tier._fs_url, tier.config)[0]
     base = tier._base
     try:
         return sorted([st.path[len(base) + 1:] async for st in client.list_status(base, True)
