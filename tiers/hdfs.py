@@ -30,8 +30,9 @@ Clients are shared per (URL authority, config) and live as long as the process: 
 tasks is still about to wake a Python coroutine (after a panic or a cancelled call) the two
 threads deadlock (seen with hdfs-native 0.14.7). ``close()`` therefore releases only the tier.
 
-Each shared client awaits one call at a time, whatever the thread or event loop (a gate, taken
-inside the call's ``timeout_s``). In hdfs-native 0.14.7 a call is started on the calling
+Each shared client awaits one NameNode call at a time, whatever the thread or event loop (a
+gate, taken inside the call's ``timeout_s``); reads of an open file go to DataNodes and run
+side by side. In hdfs-native 0.14.7 a call is started on the calling
 thread, which holds the GIL while it locks the connection's table of pending calls; when the
 NameNode connection fails, the client's reader thread holds that lock while it wakes every
 pending Python awaiter, which needs the GIL. Two calls in flight, one starting while the
@@ -127,7 +128,9 @@ def _shared(fs_url: str, config: Mapping[str, str]) -> tuple[AsyncClient, _Gate]
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError)
 
 
-async def _gated(aw: Awaitable[T], gate: _Gate) -> T:
+async def _gated(aw: Awaitable[T], gate: _Gate | None) -> T:
+    if gate is None:
+        return await aw
     try:
         async with gate:
             return await aw
@@ -137,15 +140,15 @@ async def _gated(aw: Awaitable[T], gate: _Gate) -> T:
 
 
 if sys.version_info >= (3, 11):
-    async def _bounded(aw: Awaitable[T], timeout_s: float, gate: _Gate) -> T:
-        """``await aw`` in this task once ``gate`` is taken, raising TimeoutError after
-        ``timeout_s`` (waiting for the gate included)."""
+    async def _bounded(aw: Awaitable[T], timeout_s: float, gate: _Gate | None) -> T:
+        """``await aw`` in this task once ``gate`` (if any) is taken, raising TimeoutError
+        after ``timeout_s`` (waiting for the gate included)."""
         async with asyncio.timeout(timeout_s):
             return await _gated(aw, gate)
 else:  # pragma: no cover - Python 3.10
-    async def _bounded(aw: Awaitable[T], timeout_s: float, gate: _Gate) -> T:
-        """``await aw`` in this task once ``gate`` is taken, raising TimeoutError after
-        ``timeout_s`` (waiting for the gate included)."""
+    async def _bounded(aw: Awaitable[T], timeout_s: float, gate: _Gate | None) -> T:
+        """``await aw`` in this task once ``gate`` (if any) is taken, raising TimeoutError
+        after ``timeout_s`` (waiting for the gate included)."""
         aw = _gated(aw, gate)
         task = asyncio.current_task()
         assert task is not None
@@ -267,9 +270,11 @@ class HdfsTier(Tier):
         raise exc
 
     async def _call(self, op: str, key: str, aw: Awaitable[T], *,
-                    missing_is_not_found: bool = False) -> T:
+                    missing_is_not_found: bool = False, gated: bool = True) -> T:
+        """``aw`` bounded by ``timeout_s``; ``gated=False`` only for reads of an open file,
+        which go to DataNodes, never through the NameNode connection."""
         try:
-            return await _bounded(aw, self.timeout_s, self._gate)
+            return await _bounded(aw, self.timeout_s, self._gate if gated else None)
         except BaseException as exc:
             self._fail(op, key, exc, missing_is_not_found=missing_is_not_found)
 
@@ -385,7 +390,7 @@ class HdfsTier(Tier):
         # Never ask for bytes past the end: hdfs-native panics on such a read.
         for pos in range(start, end, self.chunk_bytes):
             n = min(self.chunk_bytes, end - pos)
-            chunks.append(await self._call("get", key, reader.read_range(pos, n)))
+            chunks.append(await self._call("get", key, reader.read_range(pos, n), gated=False))
         if len(chunks) == 1:
             return chunks[0]
         return b"".join(chunks)
@@ -407,7 +412,8 @@ class HdfsTier(Tier):
                             f"{have} of {want} bytes at offset {offset}")
         for pos in range(0, want, self.chunk_bytes):
             n = min(self.chunk_bytes, want - pos)
-            out[pos:pos + n] = await self._call("get", key, reader.read_range(offset + pos, n))
+            out[pos:pos + n] = await self._call("get", key, reader.read_range(offset + pos, n),
+                                                gated=False)
 
     async def delete(self, key: str) -> None:
         validate_key(key)
