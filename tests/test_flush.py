@@ -167,9 +167,9 @@ def test_a_tier_failing_every_write_stops_nothing_else(tmp_path: Path) -> None:
         p for p in broken.rglob("*") if p.is_file()]
 
 
-def _overlap_tier(tmp_path: Path, options: str) -> tuple[Path, fault_tiers.OverlapTier]:
+def _overlap_policy(tmp_path: Path, options: str) -> Path:
     fault_tiers.OverlapTier.instances.clear()
-    policy = _write(tmp_path, f"""
+    return _write(tmp_path, f"""
         [[tier]]
         name = "host"
         url = "shm://overlap"
@@ -179,7 +179,6 @@ def _overlap_tier(tmp_path: Path, options: str) -> tuple[Path, fault_tiers.Overl
         batch = "64KiB"
         options = {{ {options} }}
     """)
-    return policy, fault_tiers.OverlapTier
 
 
 @pytest.mark.parametrize("concurrent_puts", [1, 2, 3])
@@ -187,11 +186,11 @@ def test_a_flush_keeps_the_tiers_number_of_puts_in_flight(tmp_path: Path,
                                                           concurrent_puts: int) -> None:
     model = _many_tensors(32, 128)
     expected = copy.deepcopy(model.state_dict())
-    policy, cls = _overlap_tier(tmp_path, f"concurrent_puts = {concurrent_puts}")
+    policy = _overlap_policy(tmp_path, f"concurrent_puts = {concurrent_puts}")
     with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
         h = ckpt.save_sync(0)
         h.durable("disk").wait(60)
-        (tier,) = cls.instances
+        (tier,) = fault_tiers.OverlapTier.instances
         assert tier.puts > 2 * concurrent_puts  # batch files plus the manifest
         assert tier.max_concurrent == concurrent_puts
     loaded = load_from(f"file://{tmp_path / 'disk'}", 0)
@@ -201,12 +200,12 @@ def test_a_flush_keeps_the_tiers_number_of_puts_in_flight(tmp_path: Path,
 
 def test_a_put_failing_while_others_are_in_flight_commits_nothing(tmp_path: Path) -> None:
     model = _many_tensors(32, 128)
-    policy, cls = _overlap_tier(tmp_path, "fail_at = 3, delay_s = 0.05")
+    policy = _overlap_policy(tmp_path, "fail_at = 3, delay_s = 0.05")
     ckpt = asymcheck.Checkpointer(model, None, policy=policy)
     h = ckpt.save_sync(0)
     with pytest.raises(OSError, match="injected failure of put 3"):
         h.durable("disk").wait(60)
-    (tier,) = cls.instances
+    (tier,) = fault_tiers.OverlapTier.instances
     assert tier.max_concurrent == 2 and tier.running == 0  # nothing left behind running
     ckpt.save_sync(1).durable("disk").wait(60)  # the tier works again
     with pytest.raises(asymcheck.CheckpointError, match="injected failure of put 3"):
