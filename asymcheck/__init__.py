@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import logging
 
-from .checkpointer import Checkpointer, CheckpointError
+from .checkpointer import Checkpointer
+from .errors import (
+    AsymCheckError,
+    CheckpointError,
+    ManifestError,
+    PolicyError,
+    RestoreError,
+    TierSkipped,
+)
 from .handle import Completion, SaveHandle
-from .manifest import Manifest, ManifestError
-from .policy import CompressionPolicy, Policy, PolicyError, TierPolicy, default_policy, load_policy
-from .restore import RestoreError
-from .schedule import TierSkipped
+from .manifest import Manifest
+from .policy import CompressionPolicy, Policy, TierPolicy, default_policy, load_policy
 
 __all__ = [
+    "AsymCheckError",
     "CheckpointError",
     "Checkpointer",
     "Completion",

@@ -31,13 +31,16 @@ from tiers.registry import open_tier
 from . import dist as _dist
 from ._loop import LoopThread
 from .dist import DistContext
+from .errors import CheckpointError, TierSkipped
 from .handle import SaveHandle
-from .manifest import ChunkMeta, FileMeta, Manifest, TensorMeta, manifest_key, step_dir
+from .layout import manifest_key, step_dir
+from .manifest import ChunkMeta, FileMeta, Manifest, TensorMeta
 from .partition import BackwardPolicy, ForwardPolicy, PartitionPlan, make_plan
 from .policy import Policy, default_policy, load_policy
 from .profile import Profiler, WindowTracker
 from .restore import LoadedCheckpoint, committed_steps, load_checkpoint, read_manifest
-from .schedule import FlushJob, FlushScheduler, TierSkipped, delete_checkpoint
+from .retention import delete_step
+from .schedule import FlushJob, FlushScheduler
 from .snapshot import (
     DEFAULT_CHUNK_BYTES,
     AsymSnapshot,
@@ -53,9 +56,6 @@ from .state import apply_rng, capture_rng, flatten, pack_skeleton
 
 log = logging.getLogger(__name__)
 
-
-class CheckpointError(RuntimeError):
-    """Background work of the checkpointer failed."""
 
 
 class Stateful(Protocol):
@@ -672,7 +672,7 @@ class Checkpointer:
             for s in steps[:-1]:
                 if not self._pins[s]:
                     log.info("host budget full: evicting step %d from %s", s, self.host.name)
-                    await delete_checkpoint(self.host, s)
+                    await delete_step(self.host, s)
                     return True
         return False
 
@@ -821,7 +821,7 @@ class Checkpointer:
             for s in reversed(steps[:-keep]):  # newest first: a delta goes before its base
                 if s in needed or (is_host and self._pins[s]):
                     continue
-                await delete_checkpoint(tier, s)
+                await delete_step(tier, s)
                 self._base_steps.pop((tier.name, s), None)
         except Exception as e:
             log.warning("retention on tier %s failed (will retry after the next save): %s",

@@ -32,26 +32,18 @@ from tiers.local import LocalTier
 from tiers.registry import open_tier
 
 from . import __version__
-from .manifest import (
-    MANIFEST_NAME,
-    ChunkMeta,
-    Manifest,
-    ManifestError,
-    TensorMeta,
-    parse_manifest_key,
-)
-from .policy import PolicyError, default_policy, load_policy
+from .errors import ManifestError, PolicyError, RestoreError, UsageError
+from .layout import MANIFEST_NAME, parse_manifest_key
+from .manifest import ChunkMeta, Manifest, TensorMeta, committed_steps, read_manifest
+from .policy import default_policy, load_policy
 from .restore import (
     LoadedCheckpoint,
-    RestoreError,
-    committed_steps,
     empty_tensor,
     load_checkpoint,
     read_base_tensor,
-    read_manifest,
     read_tensor,
 )
-from .schedule import delete_checkpoint
+from .retention import delete_step
 
 EXIT_OK, EXIT_FAULT, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE, like other command-line tools
@@ -60,10 +52,6 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 _VERIFY_TENSORS = 4  # tensors buffered at once while verifying
 _VERIFY_CHUNKS = 8  # chunk reads in flight
-
-
-class UsageError(Exception):
-    """A mistake of the caller: reported as one line, exit code 2."""
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -737,7 +725,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         plan = await retention_plan(tiers, keeps)
         for tier, step, why in plan:
             if not args.dry_run:
-                await delete_checkpoint(tier, step)
+                await delete_step(tier, step)
             print(f"{verb} {tier.name} step {step} ({why})")
         await close_all(tiers)  # before the shared-memory sweep below removes directories
         swept = await asyncio.to_thread(sweep_stale_shm, args.dry_run) if args.stale_shm else []

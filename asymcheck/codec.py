@@ -39,6 +39,8 @@ import numpy as np
 import xxhash
 import zstandard
 
+from .errors import ChecksumError
+
 __all__ = [
     "CODECS",
     "DEFAULT_CHUNK_BYTES",
@@ -72,10 +74,6 @@ _UNSIGNED: Final = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 _T = TypeVar("_T")
 
-
-class ChecksumError(ValueError):
-    """A chunk decoded to bytes other than those that were encoded (corrupt data or
-    wrong base)."""
 
 
 @dataclass(frozen=True, slots=True)

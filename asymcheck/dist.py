@@ -55,8 +55,10 @@ from tiers.host import HostTier
 from tiers.registry import open_tier
 
 from ._loop import LoopThread
+from .errors import CommitError
 from .handle import SaveHandle
-from .manifest import Manifest, checksum, manifest_key, parse_manifest_key, step_dir
+from .layout import manifest_key, parse_manifest_key, step_dir
+from .manifest import Manifest, checksum
 from .policy import Policy
 from .restore import (
     LoadedCheckpoint,
@@ -76,9 +78,6 @@ _STEP = re.compile(r"^step-(\d{12})$")
 #: what ``replicated`` may name besides the extras
 REPLICABLE = ("model", "optimizers")
 
-
-class CommitError(RuntimeError):
-    """A checkpoint was not committed on a tier because a rank's shard is not durable there."""
 
 
 def active() -> bool:

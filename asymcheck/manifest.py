@@ -11,43 +11,21 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import msgpack
 import xxhash
 
-from tiers.base import validate_key
+from tiers.base import Tier, validate_key
 
+from .errors import ManifestError
+from .layout import committed_in, manifest_key
 from .state import dtype_from_name
 
 FORMAT = "asymcheck"
 VERSION = 1
-MANIFEST_NAME = "manifest.msgpack"
-_STEP_DIR = re.compile(r"^step-(\d{12})$")
 _MAX_BYTES = 1 << 50  # no single tensor or file is this large; larger claims are hostile
-
-
-class ManifestError(ValueError):
-    """A manifest is corrupt, of an unknown version, or refers to things it must not."""
-
-
-def step_dir(step: int) -> str:
-    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10**12:
-        raise ValueError(f"step must be an int in [0, 1e12), got {step!r}")
-    return f"step-{step:012d}"
-
-
-def manifest_key(step: int) -> str:
-    return f"{step_dir(step)}/{MANIFEST_NAME}"
-
-
-def parse_manifest_key(key: str) -> int | None:
-    """The step of a manifest key, or None if ``key`` is not one."""
-    head, _, tail = key.partition("/")
-    m = _STEP_DIR.match(head)
-    return int(m.group(1)) if m and tail == MANIFEST_NAME else None
 
 
 def checksum(data: Any) -> int:
@@ -263,3 +241,17 @@ def _decode(data: bytes) -> Manifest:
                     tensors=tuple(tensors), files=files,
                     world_size=_int(b.get("world_size", 1), "world_size", 1, 1 << 20), info=info,
                     segments=tuple(segments))
+
+
+async def committed_steps(tier: Tier) -> list[int]:
+    """Steps with a manifest on ``tier``, ascending."""
+    return committed_in(await tier.list("step-"))
+
+
+async def read_manifest(tier: Tier, step: int) -> Manifest:
+    key = manifest_key(step)
+    data = await tier.get(key)
+    manifest = Manifest.from_bytes(data, source=f"{tier.name}:{key}")
+    if manifest.step != step:
+        raise ManifestError(f"{tier.name}:{key}: manifest is for step {manifest.step}")
+    return manifest

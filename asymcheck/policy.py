@@ -22,6 +22,8 @@ else:  # pragma: no cover
 
 from tiers.registry import known_schemes
 
+from .errors import PolicyError
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
           "GB": 10**9, "T": 10**12, "TB": 10**12, "P": 10**15, "PB": 10**15,
@@ -31,9 +33,6 @@ _TIER_KEYS = {"name", "url", "capacity", "keep", "every", "on_full", "batch", "o
 _COMPRESSION_KEYS = {"mode", "full_every", "level", "min_bytes"}
 _TOP_KEYS = {"tier", "compression"}
 
-
-class PolicyError(ValueError):
-    """A policy file is invalid; the message names the file and the key."""
 
 
 @dataclass(frozen=True)

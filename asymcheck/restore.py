@@ -24,27 +24,22 @@ from tiers.host import HostTier
 
 from ._loop import gather_or_cancel
 from .codec import ChecksumError, EncodedChunk, decode_into
+from .errors import ChunkError, RestoreError
+from .layout import step_dir
 from .manifest import (
     ChunkMeta,
     Manifest,
     ManifestError,
     TensorMeta,
     checksum,
-    manifest_key,
-    parse_manifest_key,
-    step_dir,
+    committed_steps,
+    read_manifest,
 )
 from .state import dtype_from_name, unflatten, unpack_skeleton
 
 log = logging.getLogger(__name__)
 
 
-class RestoreError(RuntimeError):
-    """No tier holds a good copy of what was asked for."""
-
-
-class ChunkError(ValueError):
-    """A chunk failed verification on one tier."""
 
 
 def world_size_error(step: int, saved: int, current: int) -> RestoreError:
@@ -58,21 +53,6 @@ class LoadedCheckpoint:
     state: Any
     manifest: Manifest
     sources: dict[str, int]  # tier name -> tensors read from it
-
-
-async def committed_steps(tier: Tier) -> list[int]:
-    """Steps with a manifest on ``tier``, ascending."""
-    steps = (parse_manifest_key(k) for k in await tier.list("step-"))
-    return sorted(s for s in steps if s is not None)
-
-
-async def read_manifest(tier: Tier, step: int) -> Manifest:
-    key = manifest_key(step)
-    data = await tier.get(key)
-    manifest = Manifest.from_bytes(data, source=f"{tier.name}:{key}")
-    if manifest.step != step:
-        raise ManifestError(f"{tier.name}:{key}: manifest is for step {manifest.step}")
-    return manifest
 
 
 async def steps_by_tier(tiers: Sequence[Tier]) -> dict[int, list[Tier]]:

@@ -17,28 +17,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tiers.base import KeyNotFound, Tier
+from tiers.base import Tier
 from tiers.host import HostTier
 
 from .codec import encode, estimate_ratio
 from .costmodel import CostModel
 from .handle import SaveHandle
-from .manifest import (
-    ChunkMeta,
-    FileMeta,
-    Manifest,
-    Segment,
-    TensorMeta,
-    manifest_key,
-    step_dir,
-)
+from .layout import manifest_key, step_dir
+from .manifest import ChunkMeta, FileMeta, Manifest, Segment, TensorMeta
 from .policy import Policy, TierPolicy
 from .snapshot import ALIGN_BYTES
 from .state import dtype_from_name
@@ -49,9 +41,6 @@ DoneCallback = Callable[["FlushJob", str, "BaseException | None"], Awaitable[Non
 DELTA_CODEC = "delta_sub"  # integer delta + zigzag + byte-shuffle + zstd (lossless)
 FULL_CODEC = "shuffle"  # byte-shuffle + zstd
 
-
-class TierSkipped(RuntimeError):
-    """The checkpoint was not persisted to a tier whose queue was full (``on_full = skip``)."""
 
 
 @dataclass(frozen=True)
@@ -66,13 +55,6 @@ class _TierState:
     base: Manifest | None = None  # the last full checkpoint written here (kept in host memory)
     since_full: int = 0
     ratios: dict[tuple[str, str], float] = field(default_factory=dict)
-
-
-async def delete_checkpoint(tier: Tier, step: int) -> None:
-    """Uncommit first (manifest), then remove the data: never a manifest without its data."""
-    with contextlib.suppress(KeyNotFound):
-        await tier.delete(manifest_key(step))
-    await tier.delete_prefix(step_dir(step) + "/")
 
 
 def tensor_span(meta: TensorMeta) -> tuple[str, int]:

@@ -11,6 +11,7 @@ import abc
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 BytesLike = bytes | bytearray | memoryview
 Payload = BytesLike | Sequence[BytesLike]
@@ -70,11 +71,27 @@ def payload_size(parts: Sequence[memoryview]) -> int:
     return sum(p.nbytes for p in parts)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a tier offers, declared by its class: callers ask these, never the class itself."""
+
+    #: a committed key outlives the process that wrote it (and, synced, a machine crash)
+    durable: bool = True
+    #: keys live in host memory and can be mapped (``view``, ``reserve``): the staging tier
+    in_memory: bool = False
+    #: ``get``/``readinto`` at an offset read only that range
+    ranged_reads: bool = True
+    #: a crashed write can leave tmp files behind, which ``remove_stale_tmp`` removes
+    stale_tmp: bool = False
+
+
 class Tier(abc.ABC):
     """One storage tier. Every method is a coroutine and never blocks the event loop."""
 
     #: URL scheme this tier serves, e.g. ``"file"``.
     scheme: str = ""
+    #: what this tier offers (see ``Capabilities``)
+    capabilities: Capabilities = Capabilities()
     #: How many puts of one flush may run at once: 2 lets a file be written while the
     #: previous one syncs; 1 keeps a single stream.
     concurrent_puts: int = 1
@@ -127,6 +144,16 @@ class Tier(abc.ABC):
         keys = await self.list(prefix)
         await asyncio.gather(*(self.delete(k) for k in keys))
         return len(keys)
+
+    @property
+    def local_dir(self) -> Path | None:
+        """The directory holding this tier's keys when it is a local file system path."""
+        return None
+
+    async def remove_stale_tmp(self, older_than_s: float = 3600.0) -> int:
+        """Remove tmp files that crashed writes left behind (never a live write's); returns
+        how many. Tiers whose capabilities declare ``stale_tmp`` override this."""
+        return 0
 
     async def close(self) -> None:  # noqa: B027 - a no-op default, not abstract
         """Release clients, threads and handles. Idempotent."""

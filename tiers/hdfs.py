@@ -61,6 +61,7 @@ from urllib.parse import urlsplit
 
 from tiers._fsutil import TMP_RE, check_file_key, clamp_range
 from tiers.base import (
+    Capabilities,
     CapacityError,
     KeyNotFound,
     Payload,
@@ -196,6 +197,7 @@ class HdfsTier(Tier):
     """A tier stored under one HDFS directory."""
 
     scheme = "hdfs"
+    capabilities = Capabilities(stale_tmp=True)
 
     def __init__(self, url: str, *, name: str | None = None,
                  capacity_bytes: int | None = None,

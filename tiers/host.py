@@ -31,6 +31,7 @@ from types import TracebackType
 from urllib.parse import unquote, urlsplit
 
 from tiers._fsutil import (
+    TMP_RE,
     check_file_key,
     clamp_range,
     copy_into,
@@ -39,11 +40,13 @@ from tiers._fsutil import (
     list_files,
     makedirs_durable,
     os_error,
+    pid_alive,
     prune_empty_dirs,
     remove_stale_tmp,
     tmp_name,
 )
 from tiers.base import (
+    Capabilities,
     CapacityError,
     KeyNotFound,
     Payload,
@@ -61,6 +64,23 @@ log = logging.getLogger(__name__)
 ENV_ROOT = "ASYMCHECK_SHM_ROOT"
 DEFAULT_ROOT = "/dev/shm"
 POOL_DIR = ".free"
+
+
+def shm_root() -> Path:
+    """Where ``shm://NAME`` directories live: ``$ASYMCHECK_SHM_ROOT`` or ``/dev/shm``."""
+    return Path(os.environ.get(ENV_ROOT) or DEFAULT_ROOT)
+
+
+def live_writer(directory: Path) -> int | None:
+    """The pid of a live process whose write is in progress below ``directory``, if any."""
+    for _, _, files in os.walk(directory):
+        for name in files:
+            tmp = TMP_RE.search(name)
+            if tmp and pid_alive(int(tmp.group(1))):
+                return int(tmp.group(1))
+    return None
+
+
 #: A pooled block not reused while this many later blocks joined the pool is of a size no
 #: longer asked for (a manifest that grew a byte, a changed model): it is unlinked.
 POOL_STALE_AFTER = 16
@@ -140,6 +160,7 @@ class HostTier(Tier):
     """Shared-memory tier with an awaitable byte budget and a free pool of blocks."""
 
     scheme = "shm"
+    capabilities = Capabilities(durable=False, in_memory=True)
 
     def __init__(self, url: str, *, name: str | None = None,
                  capacity_bytes: int | None = None, root: str | os.PathLike[str] | None = None,
@@ -156,7 +177,7 @@ class HostTier(Tier):
             if value is not None and value < 0:
                 raise ValueError(f"{what} must be >= 0 or None, got {value}")
         self.pool_max_bytes = pool_max_bytes
-        self._root = Path(root or os.environ.get(ENV_ROOT) or DEFAULT_ROOT)
+        self._root = Path(root) if root else shm_root()
         self._dir = self._root / rel
         self._pool_dir = self._dir / POOL_DIR
         self._opened = False
@@ -179,6 +200,10 @@ class HostTier(Tier):
 
     @property
     def directory(self) -> Path:
+        return self._dir
+
+    @property
+    def local_dir(self) -> Path:
         return self._dir
 
     @property

@@ -78,6 +78,10 @@ class LocalTier(Tier):
     def root(self) -> Path:
         return self._root
 
+    @property
+    def local_dir(self) -> Path:
+        return self._root
+
     async def _ensure_open(self) -> None:
         if self._closed:
             raise TierError(f"{self.name}: tier is closed")
