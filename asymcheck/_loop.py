@@ -3,6 +3,13 @@
 Training code calls in from its own thread (sync facade) or its own event loop
 (async API); neither nests loops, and the pipeline progresses while the
 training thread computes.
+
+Each public operation is written once, as ``Steps``: a generator that runs on the caller's
+thread (capturing state, copying it, applying a restored one: the work that belongs to the
+training thread) and yields each coroutine the pipeline must run. ``drive`` runs those
+coroutines on the loop thread and blocks a plain thread for them; ``drive_async`` awaits them
+from the caller's event loop, which stays free meanwhile. A coroutine's failure is thrown back
+into the generator at its ``yield``.
 """
 
 from __future__ import annotations
@@ -10,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Generator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+#: an operation: yields coroutines for the loop thread, returns its result
+Steps = Generator[Coroutine[Any, Any, Any], Any, T]
 
 
 class LoopThread:
@@ -53,6 +62,40 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+
+def _resume(steps: Steps[Any], ok: bool, value: Any) -> tuple[bool, Any]:
+    """Send ``value`` into ``steps`` (or throw it, when not ``ok``): (finished, next item)."""
+    try:
+        return False, steps.send(value) if ok else steps.throw(value)
+    except StopIteration as stop:
+        return True, stop.value
+
+
+def drive(loop: LoopThread, steps: Steps[T]) -> T:
+    """Run ``steps`` on this (plain) thread, its coroutines on the loop thread."""
+    finished, item = _resume(steps, True, None)
+    while not finished:
+        try:
+            ok, value = True, loop.call(item)
+        except BaseException as e:
+            ok, value = False, e
+        finished, item = _resume(steps, ok, value)
+    result: T = item
+    return result
+
+
+async def drive_async(loop: LoopThread, steps: Steps[T]) -> T:
+    """Run ``steps`` from an event loop, its coroutines on the loop thread (awaited)."""
+    finished, item = _resume(steps, True, None)
+    while not finished:
+        try:
+            ok, value = True, await loop.run(item)
+        except BaseException as e:
+            ok, value = False, e
+        finished, item = _resume(steps, ok, value)
+    result: T = item
+    return result
 
 
 async def gather_or_cancel(coros: Any) -> list[Any]:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -331,8 +331,8 @@ async def load_checkpoint(tiers: Sequence[Tier], step: int | None = None, *,
 
     try:
         tier, man = copies[0]
-        if isinstance(tier, HostTier):  # shared memory: raw tensors in bulk, off the loop
-            done = await _read_raw_in_bulk(tier, step, man, tensors, wanted)
+        if tier.capabilities.in_memory:  # shared memory: raw tensors in bulk, off the loop
+            done = await _read_raw_in_bulk(cast(HostTier, tier), step, man, tensors, wanted)
             if done:
                 sources[tier.name] = len(done)
                 wanted = [i for i in wanted if i not in done]

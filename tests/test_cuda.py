@@ -84,13 +84,13 @@ def test_asym_saves_copy_into_page_locked_blocks_and_unlock_them(
         # spare blocks are pinned ahead of the save: no pinning on the training thread
         assert any("host_pin_s" not in h.metrics for h in handles[1:])
         # every committed block was unlocked; only the next save's spare block stays locked
-        assert all(b.key.startswith("staging/spare-") for b in ckpt._host_pins)
+        assert all(b.key.startswith("staging/spare-") for b in ckpt._commit.stage._locked)
         for step in (5, 7):
             loaded = ckpt.load_sync(step)
             assert loaded is not None
             assert_same(expected[step]["model"], loaded.state["model"], f"step {step}")
             assert_same(expected[step]["opt"], loaded.state["optimizers"][0], f"step {step}")
-    assert not ckpt._host_pins  # closing aborted the spare block, which unlocked it
+    assert not ckpt._commit.stage._locked  # closing aborted the spare block, which unlocked it
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

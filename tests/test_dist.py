@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import asymcheck
-from asymcheck.dist import host_shard_url, shard_manifest_key
+from asymcheck.layout import host_shard_url, shard_manifest_key
 from asymcheck.manifest import Manifest, manifest_key
 from tests._util import assert_same
 
@@ -147,17 +147,17 @@ def _scenario_sharded(rank: int, work: Path) -> None:
 
 
 def _scenario_crash(rank: int, work: Path) -> None:
-    import asymcheck.dist
+    import asymcheck.rankcommit
 
     kill_rank, kill_step = map(int, os.environ["ASYMCHECK_TEST_KILL"].split(":"))
-    report = asymcheck.dist.report_shard
+    report = asymcheck.rankcommit.report_shard
 
     def report_or_die(group: Any, msg: dict[str, Any]) -> list[dict[str, Any]]:
         if rank == kill_rank and msg["step"] == kill_step:  # shard written, not reported yet
             os.kill(os.getpid(), signal.SIGKILL)
         return report(group, msg)
 
-    asymcheck.dist.report_shard = report_or_die
+    asymcheck.rankcommit.report_shard = report_or_die
     model, opt, owned = _sharded_training(rank, seed=0)
     torch.manual_seed(100 + rank)
     ckpt = asymcheck.Checkpointer(model, opt, policy=_policy(work), replicated=("model",))
@@ -169,7 +169,7 @@ def _scenario_crash(rank: int, work: Path) -> None:
     handle = ckpt.save_sync(2)
     try:
         handle.durable("local").wait(60)
-    except asymcheck.dist.CommitError as e:
+    except asymcheck.errors.CommitError as e:
         print(f"NOT COMMITTED {rank}: {e}", flush=True)
         os._exit(3)
     print(f"COMMITTED {rank}", flush=True)
@@ -246,7 +246,7 @@ def _global(work: Path, step: int) -> Manifest:
 
 async def test_a_rank_scoped_view_maps_step_keys_into_the_rank_directory(
         tmp_path: Path) -> None:
-    from asymcheck.dist import RankScopedTier
+    from asymcheck.ranks import RankScopedTier
     from tiers.local import LocalTier
 
     shared = LocalTier(f"file://{tmp_path / 'ckpt'}", name="local")

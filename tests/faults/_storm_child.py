@@ -33,8 +33,10 @@ from typing import Any
 import torch
 
 import asymcheck
-import asymcheck.checkpointer
-import asymcheck.schedule
+import asymcheck.commit
+import asymcheck.hoststage
+import asymcheck.retention
+import asymcheck.topology
 import tiers.host
 import tiers.local
 from tests._util import make_training, snapshot, train_steps
@@ -71,8 +73,8 @@ HOOKS: dict[str, list[tuple[Any, str]]] = {
     "HostTier.delete": [(tiers.host.HostTier, "delete")],
     "LocalTier.put": [(tiers.local.LocalTier, "put")],
     "LocalTier.delete": [(tiers.local.LocalTier, "delete")],
-    "delete_checkpoint": [(asymcheck.schedule, "delete_checkpoint"),
-                          (asymcheck.checkpointer, "delete_checkpoint")],
+    "delete_checkpoint": [(module, "delete_step") for module in (
+        asymcheck.retention, asymcheck.topology, asymcheck.hoststage, asymcheck.commit)],
 }
 
 

@@ -1,0 +1,275 @@
+"""Commit: a staged block becomes a committed host checkpoint and is handed to the flushes.
+
+Once every byte of a save is in its host block (``Stager``), the block is checksummed and
+committed with its manifest on the host tier (``handle.staged``), then queued for each
+downstream tier the save is scheduled on (``schedule.FlushScheduler``), whose workers report
+back here: this process's copy is durable on that tier (``handle.durable``, through the
+``Topology``, which with several ranks waits for every rank), and retention runs. A tier whose
+queue is full makes the next save wait (``on_full = "wait"``: backpressure) or skips it there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any, cast
+
+from tiers.base import Tier
+from tiers.host import HostBlock, HostTier
+
+from ._loop import LoopThread
+from .errors import TierSkipped
+from .handle import SaveHandle
+from .hoststage import HostStage
+from .layout import committed_in, group_step_dirs, manifest_key
+from .manifest import FileMeta, Manifest
+from .policy import Policy
+from .retention import delete_step, plan_uncommitted
+from .schedule import FlushJob, FlushScheduler
+from .stager import Prepared
+from .topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+class Committer:
+    """The pipeline after staging, on the loop thread (``scheduled``, ``full_queues`` and
+    ``submit`` are called from the training thread)."""
+
+    def __init__(self, policy: Policy, topology: Topology, loop: LoopThread, job: str,
+                 errors: list[BaseException]) -> None:
+        self.policy = policy
+        self.topology = topology
+        self.job = job
+        self.loop = loop
+        self._errors = errors
+        self.tiers: dict[str, Tier] = {}
+        self.scheduler: FlushScheduler | None = None
+        self._stage: HostStage | None = None
+        self._commits: set[concurrent.futures.Future[None]] = set()
+        self._save_index = 0
+        # delta bases of each committed checkpoint, per tier: retention keeps them
+        self._bases: dict[str, dict[int, list[int]]] = {tp.name: {} for tp in policy.tiers}
+        # one retention pass per tier at a time (two would race to delete the same step)
+        self._retain_locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def host(self) -> HostTier:
+        # an in-memory tier reserves and maps blocks (open() checked its capabilities)
+        return cast(HostTier, self.tiers[self.policy.staging.name])
+
+    @property
+    def stage(self) -> HostStage:
+        assert self._stage is not None, "the pipeline is not open"
+        return self._stage
+
+    async def open(self) -> None:
+        """Open every tier, the host stage and the flush queues; remove what a crashed save
+        left uncommitted."""
+        self.tiers.update(self.topology.open_tiers(self.policy))
+        if not self.tiers[self.policy.staging.name].capabilities.in_memory:
+            raise TypeError(f"{self.policy.source}: the staging tier "
+                            f"{self.policy.staging.name!r} must be held in host memory (shm://)")
+        host = self.host
+        if host.capacity_bytes is None:  # shared by the ranks of this host
+            host.capacity_bytes = _shm_default_capacity(host) // self.topology.local_ranks
+        self._stage = HostStage(host, self._retain_lock(host),
+                                on_unpinned=lambda: self.retain(self.host))
+        self.scheduler = FlushScheduler(self.tiers, self.policy, on_done=self._flush_done,
+                                        pin=self.stage.pin, unpin=self.stage.unpin)
+        for tier in self.tiers.values():
+            await _drop_uncommitted(tier)
+
+    # -------------------------------------------------------------- hand-off
+    def scheduled(self) -> tuple[str, ...]:
+        """The tiers the next save goes to: the host tier, and each tier whose ``every``
+        divides the save's index."""
+        index, self._save_index = self._save_index, self._save_index + 1
+        return tuple(t.name for i, t in enumerate(self.policy.tiers)
+                     if i == 0 or index % t.every == 0)
+
+    def staged_on(self, tiers: tuple[str, ...], nbytes: int) -> tuple[str, ...]:
+        """``tiers`` without the host tier when two saves of ``nbytes`` do not fit its budget:
+        such a save streams past it (``stream``)."""
+        cap = self.host.capacity_bytes
+        if cap is None or 2 * nbytes <= cap:
+            return tiers
+        return tuple(t for t in tiers if t != self.host.name)
+
+    def full_queues(self, prep: Prepared) -> list[str]:
+        """Scheduled tiers with ``on_full = wait`` whose backlog (queued, in flight, and saves
+        not yet handed over) has reached the queue depth: this save waits for them
+        (backpressure), and the wait is part of its stall."""
+        sched = self.scheduler
+        if sched is None:
+            return []
+        handing_over = len(self._commits)
+        return [t for t in prep.handle.tiers[1:] if self.policy.tier(t).on_full == "wait"
+                and sched.backlog(t) + handing_over > sched.depth]
+
+    async def await_room(self, tiers: list[str], metrics: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        if self._commits:  # earlier saves first reach their queues (each may wait there)
+            await asyncio.gather(*map(asyncio.wrap_future, list(self._commits)),
+                                 return_exceptions=True)
+        for name in tiers:
+            assert self.scheduler is not None
+            await self.scheduler.wait_room(name)
+        metrics["backpressure_s"] = time.perf_counter() - t0
+
+    def submit(self, prep: Prepared, block: HostBlock) -> None:
+        """Every byte of ``prep`` is in ``block``: commit it on the loop (any thread)."""
+        self.track(self.loop.submit(self._commit_staged(prep, block)))
+
+    def track(self, fut: concurrent.futures.Future[None]) -> None:
+        self._commits.add(fut)
+        fut.add_done_callback(self._commits.discard)
+
+    async def _commit_staged(self, prep: Prepared, block: HostBlock) -> None:
+        # Pinned from before its manifest is visible until its flushes hold their own pins:
+        # commits overlap, and a newer step's retention must not delete this one meanwhile.
+        self.stage.pin(prep.step)
+        try:
+            committed = await self._commit_pinned(prep, block)
+        finally:
+            last = self.stage.drop_pin(prep.step)
+        if committed or last:  # older host copies may go now (this one too, once unpinned)
+            await self.retain(self.host)
+        if committed:
+            self.stage.want_spare(prep.layout.total_bytes)  # after retention: reuse a block
+
+    async def _commit_pinned(self, prep: Prepared, block: HostBlock) -> bool:
+        """Commit the staged block and its manifest, then queue the flushes; False when the
+        commit failed (reported on the handle)."""
+        handle, host = prep.handle, self.host
+        try:
+            await self.stage.unlock_pages(block)
+            metas = await asyncio.to_thread(prep.layout.tensor_metas, block.view, prep.data_name)
+            await block.commit(prep.data_key)
+            manifest = self.manifest(prep, metas, (FileMeta(prep.data_name,
+                                                            prep.layout.total_bytes),),
+                                     mode=handle.metrics.get("mode"),
+                                     **({"plan": handle.metrics["plan"]}
+                                        if "plan" in handle.metrics else {}))
+            await host.put(manifest_key(prep.step), manifest.to_bytes())
+        except BaseException as e:
+            await block.abort()
+            self.fail(handle, handle.tiers, e)
+            if not isinstance(e, Exception):
+                raise
+            return False
+        handle.staged.set_done()
+        self.topology.resolve(handle, host.name, None)
+        for name in handle.tiers[1:]:
+            await self._hand_off(name, FlushJob(manifest, handle))
+        return True
+
+    def manifest(self, prep: Prepared, tensors: Any, files: tuple[FileMeta, ...],
+                 **info: Any) -> Manifest:
+        """The manifest of this process's copy of ``prep``."""
+        return Manifest(step=prep.step, created_s=time.time(), job=self.job,
+                        objects=prep.objects, tensors=tensors, files=files,
+                        **self.topology.manifest_fields(),
+                        info={"save_id": prep.save_id, "stall_s": prep.handle.stall_s, **info,
+                              **self.topology.manifest_info()})
+
+    async def _hand_off(self, name: str, job: FlushJob) -> None:
+        assert self.scheduler is not None
+        step = job.manifest.step
+        if self.policy.tier(name).on_full == "skip" and self.scheduler.full(name):
+            log.warning("tier %s is behind: step %d is not persisted there (on_full = skip)",
+                        name, step)
+            job.handle.metrics.setdefault("skipped", []).append(name)
+            self.topology.resolve(job.handle, name, TierSkipped(
+                f"step {step} skipped on tier {name!r}: its queue was full"))
+            return
+        self.stage.pin(step)
+        await self.scheduler.submit(name, job)
+
+    async def _flush_done(self, job: FlushJob, tier: str, error: BaseException | None) -> None:
+        if error is None:
+            comp = job.handle.metrics.get(f"{tier}.compression", {})
+            self._bases[tier][job.manifest.step] = list(comp.get("base_steps", []))
+            self.topology.resolve(job.handle, tier, None)
+            await self.retain(self.tiers[tier])
+        else:
+            self.fail(job.handle, (tier,), error)
+        await self.stage.unpin(job.manifest.step)
+
+    def fail(self, handle: SaveHandle, tiers: Iterable[str], error: BaseException) -> None:
+        log.error("checkpoint step %d failed on %s: %s", handle.step, ", ".join(tiers), error)
+        self._errors.append(error)
+        if not handle.staged.done():
+            handle.staged.set_failed(error)
+        for t in tiers:
+            self.topology.resolve(handle, t, error)
+
+    # ------------------------------------------------------------- retention
+    async def retain(self, tier: Tier) -> None:
+        """Keep the newest ``keep`` checkpoints, the delta bases they need, and pinned host
+        copies; delete older ones (only ever after a newer one committed on this tier)."""
+        staging = tier.capabilities.in_memory
+        async with self._retain_lock(tier):
+            try:
+                await self.topology.retain(
+                    tier, self.policy.tier(tier.name).keep,
+                    pinned=self.stage.pinned() if staging else (),
+                    bases=not staging and self.policy.compression.mode != "off",
+                    cache=self._bases[tier.name])
+            except Exception as e:
+                log.warning("retention on tier %s failed (will retry after the next save): %s",
+                            tier.name, e)
+
+    def _retain_lock(self, tier: Tier) -> asyncio.Lock:
+        """Held while deleting from ``tier``: two passes would race to delete one step."""
+        return self._retain_locks.setdefault(tier.name, asyncio.Lock())
+
+    # ----------------------------------------------------------------- drain
+    async def settle(self) -> None:
+        """Wait until every save so far is committed and flushed (or failed)."""
+        while self._commits or (self.scheduler and self.scheduler.pending):
+            if self._commits:
+                await asyncio.gather(*map(asyncio.wrap_future, list(self._commits)),
+                                     return_exceptions=True)
+            if self.scheduler:
+                await self.scheduler.join()
+
+    async def close(self) -> None:
+        """Release the host stage, the flush queues and the tiers (after ``settle``)."""
+        if self._stage is not None:
+            await self._stage.close()
+        if self.scheduler:
+            await self.scheduler.close()
+        for tier in self.tiers.values():
+            await tier.close()
+
+
+async def _drop_uncommitted(tier: Tier) -> None:
+    """Remove step directories a crashed save left without a manifest (invisible anyway).
+    With several ranks, ``tier`` is this rank's view: only its own shards go."""
+    try:
+        keys = await tier.list("step-")
+    except Exception as e:
+        log.warning("tier %s is unreachable at start-up: %s", tier.name, e)
+        return
+    for s in plan_uncommitted(group_step_dirs(keys), committed_in(keys), newer_too=True):
+        log.info("removing uncommitted step %d from tier %s", s, tier.name)
+        await delete_step(tier, s)
+    if tier.capabilities.stale_tmp:  # tmp files of writes cut off by a crash
+        try:
+            await tier.remove_stale_tmp()  # only those older than an hour: never a live write
+        except Exception as e:
+            log.warning("tier %s: stale tmp files not removed: %s", tier.name, e)
+
+
+def _shm_default_capacity(host: HostTier) -> int:
+    """Half of the shared-memory filesystem: a bound that never starves the machine."""
+    d = host.directory
+    while not d.exists():
+        d = d.parent
+    st = os.statvfs(d)
+    return st.f_blocks * st.f_frsize // 2

@@ -1,0 +1,182 @@
+"""Host staging: the shared-memory blocks a save is copied into, and what keeps them.
+
+A block is reserved against the host tier's byte budget; under pressure the oldest host
+copies that nothing needs any more are evicted. After each commit a spare block for the next
+save is reserved in the background (a freed block is reused, so its pages stay faulted in), and
+for CUDA state it is page-locked there too, off the training thread: a device-to-host copy
+into pageable memory would block the training thread for the whole transfer. Pins count who
+still reads a host copy (a flush, a delta base): a pinned step is never evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+from tiers.host import HostBlock, HostTier
+
+from .layout import spare_key
+from .manifest import committed_steps
+from .retention import delete_step
+from .snapshot import pin_memory
+
+log = logging.getLogger(__name__)
+
+
+class HostStage:
+    """Blocks, spares, page-locks and pins of one Checkpointer's host tier (loop thread,
+    except ``take_spare``, which is thread-safe). Made on the loop thread."""
+
+    def __init__(self, host: HostTier, lock: asyncio.Lock,
+                 on_unpinned: Callable[[], Awaitable[None]]) -> None:
+        self.host = host
+        self.page_lock = False  # CUDA state: blocks are page-locked for device copies
+        self._lock = lock  # the host tier's retention lock: eviction deletes under it
+        self._on_unpinned = on_unpinned
+        self._pins: Counter[int] = Counter()
+        self._pins_changed = asyncio.Event()
+        self._spare_lock = threading.Lock()
+        self._spare: HostBlock | None = None
+        self._spare_wanted: int | None = None
+        self._spare_tasks: set[asyncio.Task[None]] = set()
+        self._locked: dict[HostBlock, Callable[[], None]] = {}  # unregister fn by block
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+
+    # ------------------------------------------------------------------ pins
+    def pinned(self) -> set[int]:
+        return {s for s, n in self._pins.items() if n > 0}
+
+    def pin(self, step: int) -> None:
+        """Keep the host copy of ``step``: a flush or a delta base still reads it."""
+        self._pins[step] += 1
+
+    def drop_pin(self, step: int) -> bool:
+        """Release one pin of ``step``; True when it was the last."""
+        self._pins[step] -= 1
+        if self._pins[step] > 0:
+            return False
+        del self._pins[step]
+        self._pins_changed.set()
+        return True
+
+    async def unpin(self, step: int) -> None:
+        if self.drop_pin(step):
+            await self._on_unpinned()
+
+    # ---------------------------------------------------------------- blocks
+    def take_spare(self, nbytes: int) -> HostBlock | None:
+        """The block reserved ahead for a save of ``nbytes`` (any thread), if there is one."""
+        with self._spare_lock:
+            block, self._spare = self._spare, None
+            self._spare_wanted = None  # a reservation still in flight is given back
+        if block is not None and block.nbytes != nbytes:
+            asyncio.run_coroutine_threadsafe(block.abort(), self._loop)
+            return None
+        return block
+
+    def want_spare(self, nbytes: int) -> None:
+        """Reserve (and page-lock) a block for the next save in the background."""
+        with self._spare_lock:
+            if self._closed or self._spare is not None or self._spare_wanted is not None:
+                return
+            self._spare_wanted = nbytes
+        task = asyncio.ensure_future(self._reserve_spare(nbytes))
+        self._spare_tasks.add(task)
+        task.add_done_callback(self._spare_tasks.discard)
+
+    async def _reserve_spare(self, nbytes: int) -> None:
+        try:
+            block = await self.host.reserve(spare_key(), nbytes)
+            if self.page_lock:  # page-locked here, off the training thread
+                await asyncio.to_thread(self.lock_pages, block)
+        except Exception as e:
+            log.debug("no spare host block reserved: %s", e)
+            with self._spare_lock:
+                self._spare_wanted = None
+            return
+        with self._spare_lock:
+            keep = self._spare_wanted == nbytes and self._spare is None
+            if keep:
+                self._spare, self._spare_wanted = block, None
+        if not keep:
+            await block.abort()
+
+    def lock_pages(self, block: HostBlock) -> bool:
+        """Page-lock ``block`` for device-to-host copies until it is committed or aborted."""
+        unregister = pin_memory(block.view)
+        if unregister is None:
+            return False
+        self._locked[block] = unregister
+
+        def unlock() -> None:
+            self._locked.pop(block, None)
+            unregister()
+        block.on_close(unlock)
+        return True
+
+    async def ready(self, block: HostBlock, metrics: dict[str, object]) -> None:
+        """Page-lock ``block`` now if state is on a device and no spare was locked ahead."""
+        if not self.page_lock:
+            return
+        pinned = block in self._locked
+        if not pinned:
+            t0 = time.perf_counter()
+            pinned = await asyncio.to_thread(self.lock_pages, block)
+            metrics["host_pin_s"] = time.perf_counter() - t0
+        metrics["host_pinned"] = pinned
+
+    async def unlock_pages(self, block: HostBlock) -> None:
+        """Every byte is in: unlock the pages (off the event loop)."""
+        unlock = self._locked.pop(block, None)
+        if unlock is not None:
+            await asyncio.to_thread(unlock)
+
+    async def reserve(self, key: str, nbytes: int) -> HostBlock:
+        """A host block for a new checkpoint; under memory pressure, evict old host copies."""
+        host = self.host
+        task = asyncio.ensure_future(host.reserve(key, nbytes))
+        while True:
+            await asyncio.wait({task}, timeout=0.01)
+            if task.done():
+                return task.result()
+            cap = host.capacity_bytes
+            if cap is None or host.committed_bytes + host.reserved_bytes + nbytes <= cap:
+                continue  # not blocked by the budget, only slow
+            with self._spare_lock:  # a block reserved ahead must not starve this one
+                spare, self._spare, self._spare_wanted = self._spare, None, None
+            if spare is not None:
+                await spare.abort()
+                continue
+            if await self._evict_one():
+                continue
+            self._pins_changed.clear()
+            waiter = asyncio.ensure_future(self._pins_changed.wait())
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+
+    async def _evict_one(self) -> bool:
+        """Drop the oldest host checkpoint that no flush needs, never the newest one."""
+        async with self._lock:
+            steps = await committed_steps(self.host)
+            for s in steps[:-1]:
+                if not self._pins[s]:
+                    log.info("host budget full: evicting step %d from %s", s, self.host.name)
+                    await delete_step(self.host, s)
+                    return True
+        return False
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._spare_tasks):
+            task.cancel()
+        await asyncio.gather(*self._spare_tasks, return_exceptions=True)
+        with self._spare_lock:
+            spare, self._spare, self._spare_wanted = self._spare, None, None
+        if spare is not None:
+            await spare.abort()
+

@@ -1,0 +1,229 @@
+"""Several ranks: the ``Topology`` of a job run under torch.distributed with world size > 1.
+
+Every rank saves its own shard. On a tier the ranks share (``file://``, ``hdfs://``) rank r's
+keys ``step-<N>/KEY`` live at ``step-<N>/rank-<r>/KEY`` (``RankScopedTier``), and rank 0 writes
+the global manifest ``step-<N>/manifest.msgpack`` last, once every shard is durable there
+(``rankcommit``). Shared memory belongs to one process: rank r stages in its own directory
+``shm://NAME-rank<r>``, and rank 0 keeps that tier's global manifests in ``shm://NAME``.
+
+Replicated state (``replicated=("model",)``, e.g. the parameters under DistributedDataParallel)
+is written by rank 0 only; every other rank reads it from rank 0's shard, or receives it from
+rank 0 when no tier it reaches holds that shard (``rankrestore``).
+
+Retention counts global commits: each rank deletes only its own shards, and only rank 0
+removes whole step directories, after a newer global commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Awaitable, Callable, Collection, MutableMapping, Sequence
+from typing import Any
+
+import torch.distributed as dist
+
+from tiers.base import Payload, Tier, TierStat, validate_prefix
+from tiers.registry import open_tier
+
+from ._loop import LoopThread, Steps
+from .layout import (
+    committed_in,
+    group_step_dirs,
+    host_shard_url,
+    parse_step_dir,
+    rank_key,
+    unrank_key,
+)
+from .manifest import committed_steps
+from .policy import Policy
+from .rankcommit import RankCommits
+from .rankrestore import RankRestore
+from .restore import LoadedCheckpoint
+from .retention import delete_step, needed_bases, plan_deletions, plan_uncommitted
+
+
+def active() -> bool:
+    """Whether torch.distributed runs with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class RankScopedTier(Tier):
+    """Rank ``rank``'s view of a tier shared by the ranks: its ``step-<N>/KEY`` is the shared
+    tier's ``step-<N>/rank-<r>/KEY``. Closing the view leaves the shared tier open."""
+
+    def __init__(self, inner: Tier, rank: int) -> None:
+        super().__init__(inner.url, name=inner.name, capacity_bytes=inner.capacity_bytes)
+        self.scheme = inner.scheme
+        self.capabilities = inner.capabilities
+        self.concurrent_puts = inner.concurrent_puts
+        self.inner = inner
+        self.rank = rank
+
+    def _key(self, key: str) -> str:
+        try:
+            return rank_key(key, self.rank)
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from None
+
+    async def put(self, key: str, data: Payload) -> None:
+        await self.inner.put(self._key(key), data)
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        return await self.inner.get(self._key(key), offset, length)
+
+    async def readinto(self, key: str, out: memoryview, offset: int = 0) -> None:
+        await self.inner.readinto(self._key(key), out, offset)
+
+    async def delete(self, key: str) -> None:
+        await self.inner.delete(self._key(key))
+
+    async def list(self, prefix: str = "") -> list[str]:
+        validate_prefix(prefix)
+        if "/" in prefix:
+            if parse_step_dir(prefix.split("/", 1)[0]) is None:
+                return []
+            inner_prefix = self._key(prefix)
+        else:
+            inner_prefix = prefix
+        keys = (unrank_key(k, self.rank) for k in await self.inner.list(inner_prefix))
+        return sorted(k for k in keys if k is not None and k.startswith(prefix))
+
+    async def stat(self, key: str) -> TierStat:
+        st = await self.inner.stat(self._key(key))
+        return TierStat(key=key, size_bytes=st.size_bytes, mtime_s=st.mtime_s)
+
+    async def close(self) -> None:
+        """The shared tier is closed by its owner."""
+
+
+class Ranks:
+    """The multi-rank topology of one Checkpointer, on every rank.
+
+    Created on the training thread by every rank at the same point (it creates process
+    groups). Every rank must save the same steps in the same order.
+    """
+
+    def __init__(self, policy: Policy, *, replicated: Sequence[str], timeout_s: float,
+                 loop: LoopThread, job: str,
+                 on_global: Callable[[str], Awaitable[None]],
+                 on_error: Callable[[BaseException], None]) -> None:
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)))
+        self.policy = policy
+        self.replicated = tuple(replicated)
+        self.job = job
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # gloo groups of their own: one per tier for its commit thread, one for restore
+        groups = {tp.name: dist.new_group(backend="gloo", timeout=timeout)
+                  for tp in policy.tiers}
+        self.views: dict[str, Tier] = {}  # this rank's shard on each tier
+        self.global_tiers: dict[str, Tier] = {}  # where rank 0 keeps global manifests
+        self.known: dict[str, list[int]] = {}  # globally committed steps per tier (rank 0's)
+        self.shared: dict[str, Tier] = {}  # the tiers the ranks share, by name
+        self._rank0_views: dict[str, Tier] | None = None
+        self._owned: list[Tier] = []
+        self._commits = RankCommits(self, groups, loop, on_global, on_error)
+        self._restore = RankRestore(self, dist.new_group(backend="gloo", timeout=timeout))
+        loop.call(self._commits.start())
+        self.track = self._commits.track
+        self.resolve = self._commits.resolve
+        self.abandon = self._commits.abandon
+        self.stop = self._commits.stop
+
+    def skipped(self) -> frozenset[str]:
+        return frozenset(self.replicated) if self.rank else frozenset()
+
+    def manifest_fields(self) -> dict[str, Any]:
+        return {"world_size": self.world_size}
+
+    def manifest_info(self) -> dict[str, Any]:
+        return {"rank": self.rank, "replicated": list(self.replicated)}
+
+    # ------------------------------------------------------------------ tiers
+    def open_tiers(self, policy: Policy) -> dict[str, Tier]:
+        """This rank's view of every tier (the loop thread calls this when the tiers open)."""
+        views: dict[str, Tier] = {}
+        for i, tp in enumerate(policy.tiers):
+            if i == 0:
+                views[tp.name] = open_tier(host_shard_url(tp.url, self.rank), name=tp.name,
+                                           capacity_bytes=tp.capacity_bytes, **tp.options)
+                if self.rank == 0:
+                    self.global_tiers[tp.name] = self.own(open_tier(tp.url, name=tp.name,
+                                                                    **tp.options))
+                continue
+            base = self.own(open_tier(tp.url, name=tp.name, capacity_bytes=tp.capacity_bytes,
+                                      **tp.options))
+            views[tp.name] = RankScopedTier(base, self.rank)
+            self.shared[tp.name] = base
+            if self.rank == 0:
+                self.global_tiers[tp.name] = base
+        self.views = views
+        return views
+
+    def rank0_readers(self) -> dict[str, Tier]:
+        """Readers of rank 0's shard on the tiers this rank reaches (for replicated state)."""
+        if self._rank0_views is None:
+            views: dict[str, Tier] = {}
+            for i, tp in enumerate(self.policy.tiers):
+                if i:
+                    views[tp.name] = RankScopedTier(self.shared[tp.name], 0)
+                    continue
+                reader = open_tier(host_shard_url(tp.url, 0), name=tp.name, **tp.options)
+                if reader.local_dir is not None and not reader.local_dir.exists():
+                    continue  # rank 0 runs on another host
+                views[tp.name] = self.own(reader)
+            self._rank0_views = views
+        return self._rank0_views
+
+    def own(self, tier: Tier) -> Tier:
+        """Close ``tier`` with this topology."""
+        self._owned.append(tier)
+        return tier
+
+    async def close(self) -> None:
+        for tier in self._owned:
+            with contextlib.suppress(Exception):
+                await tier.close()
+        self._owned.clear()
+        self._commits.close()
+
+    # -------------------------------------------------------------- retention
+    async def retain(self, tier: Tier, keep: int, *, pinned: Collection[int], bases: bool,
+                     cache: MutableMapping[int, list[int]]) -> None:
+        """Keep the ``keep`` newest globally committed checkpoints of ``tier``.
+
+        Each rank deletes its own shards of older steps and of steps that never committed
+        globally (never one still being committed); rank 0 also uncommits the older global
+        manifests and removes their whole step directories. Before this rank learns the
+        tier's global commits (from a commit or a restore) it deletes nothing."""
+        name = tier.name
+        if self.rank == 0:
+            self.known[name] = await committed_steps(self.global_tiers[name])
+        known = self.known.get(name, [])
+        if not known:
+            return
+        busy = self._commits.busy(name)
+        keys = await tier.list("step-")
+        mine = set(group_step_dirs(keys))
+        committed_here = set(committed_in(keys))
+        needs = await needed_bases(tier, [s for s in known[-keep:] if s in committed_here]) \
+            if bases else {}
+        old = [s for s in plan_deletions(known, keep, needs=needs, pinned={*busy, *pinned})
+               if s in mine]
+        for s in sorted({*old, *plan_uncommitted(mine, known, busy={*busy, *pinned})},
+                        reverse=True):
+            await delete_step(tier, s)
+        if self.rank != 0:
+            return
+        gtier = self.global_tiers[name]
+        gneeds = await needed_bases(gtier, known[-keep:]) if bases else {}
+        for s in plan_deletions(known, keep, needs=gneeds, pinned=busy):
+            await delete_step(gtier, s)  # a shared tier: every rank's shard in it goes too
+
+    # ---------------------------------------------------------------- restore
+    def restore(self, tiers: Sequence[Tier], step: int | None
+                ) -> Steps[LoadedCheckpoint | None]:
+        return self._restore.restore(step)
