@@ -29,8 +29,9 @@ from .layout import committed_in, group_step_dirs, manifest_key
 from .manifest import FileMeta, Manifest
 from .policy import Policy
 from .retention import delete_step, plan_uncommitted
-from .schedule import FlushJob, FlushScheduler
+from .schedule import FlushJob, FlushScheduler, Job
 from .stager import Prepared
+from .stream import StreamJob
 from .topology import Topology
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,14 @@ class Committer:
         self.stage.pin(step)
         await self.scheduler.submit(name, job)
 
-    async def _flush_done(self, job: FlushJob, tier: str, error: BaseException | None) -> None:
+    async def hand_off_stream(self, job: StreamJob) -> None:
+        """Queue a streamed save (``stream.StreamJob``) on each of its tiers."""
+        assert self.scheduler is not None
+        for name in job.tiers:
+            self.stage.pin(job.manifest.step)
+            await self.scheduler.submit(name, job)
+
+    async def _flush_done(self, job: Job, tier: str, error: BaseException | None) -> None:
         if error is None:
             comp = job.handle.metrics.get(f"{tier}.compression", {})
             self._bases[tier][job.manifest.step] = list(comp.get("base_steps", []))

@@ -4,6 +4,7 @@ One tier holds, per checkpoint::
 
     step-<12 digits>/manifest.msgpack          the commit record, written last
     step-<12 digits>/data-<save id>[-<n>].bin  data files (batches: -<5 digits>)
+    step-<12 digits>/piece-<save id>-<n>.bin   host pieces of a state streamed past the budget
 
 With several ranks, a tier the ranks share holds each rank's shard below its own directory,
 and rank 0 writes the global manifest of the step last::
@@ -85,12 +86,13 @@ def new_save_id() -> str:
 
 def data_name(save_id: str, index: int | None = None) -> str:
     """A data file of one save: the host block (no index) or a numbered piece or batch."""
-    return f"data-{save_id}.bin" if index is None else f"{batch_prefix(save_id)}-{index:05d}.bin"
+    return f"data-{save_id}.bin" if index is None else f"data-{save_id}-{index:05d}.bin"
 
 
-def batch_prefix(save_id: str) -> str:
-    """What the numbered data files of one save start with."""
-    return f"data-{save_id}"
+def piece_name(save_id: str, index: int) -> str:
+    """A piece of a state streamed through the host tier (never stored downstream: there, its
+    bytes live in batch files, mapped by the manifest's segments)."""
+    return f"piece-{save_id}-{index:05d}.bin"
 
 
 def spare_key() -> str:

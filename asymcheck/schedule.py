@@ -15,29 +15,30 @@ holds back another. For each checkpoint and tier the worker
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from tiers.base import Tier
 from tiers.host import HostTier
 
+from .batching import BatchWriter, remove_written
 from .codec import encode, estimate_ratio
-from .costmodel import CostModel
+from .costmodel import CostModel, LinearFit
+from .errors import CheckpointError
 from .handle import SaveHandle
 from .layout import manifest_key, step_dir
-from .manifest import ChunkMeta, FileMeta, Manifest, Segment, TensorMeta
+from .manifest import ChunkMeta, FileMeta, Manifest, TensorMeta
 from .policy import Policy, TierPolicy
-from .snapshot import ALIGN_BYTES
 from .state import dtype_from_name
+from .stream import StreamJob
 
 log = logging.getLogger(__name__)
 
-DoneCallback = Callable[["FlushJob", str, "BaseException | None"], Awaitable[None]]
+DoneCallback = Callable[["Job", str, "BaseException | None"], Awaitable[None]]
 DELTA_CODEC = "delta_sub"  # integer delta + zigzag + byte-shuffle + zstd (lossless)
 FULL_CODEC = "shuffle"  # byte-shuffle + zstd
 
@@ -45,8 +46,37 @@ FULL_CODEC = "shuffle"  # byte-shuffle + zstd
 
 @dataclass(frozen=True)
 class FlushJob:
+    """A checkpoint committed on the host tier, to be written to a downstream tier."""
+
     manifest: Manifest  # the host copy's manifest: raw tensors in host data files
     handle: SaveHandle
+
+    @property
+    def nbytes(self) -> int:
+        return self.manifest.nbytes
+
+
+#: the kinds of job a tier's queue takes: a staged checkpoint, or a streamed one
+Job = FlushJob | StreamJob
+
+
+@dataclass
+class _Written:
+    """What a flush stored: per-tensor layouts, the codec decisions and the byte counts."""
+
+    tensors: list[TensorMeta] = field(default_factory=list)
+    decisions: list[list[Any]] = field(default_factory=list)
+    raw_bytes: int = 0
+    stored_bytes: int = 0
+
+    def add(self, meta: TensorMeta, codec: str, est: float | None, decided: bool,
+            chunks: list[ChunkMeta]) -> None:
+        stored = sum(c.stored_len for c in chunks)
+        self.raw_bytes += meta.nbytes
+        self.stored_bytes += stored
+        if decided:
+            self.decisions.append([meta.path, codec, None if est is None else round(est, 4),
+                                   round(meta.nbytes / max(stored, 1), 4)])
 
 
 @dataclass
@@ -63,107 +93,14 @@ def tensor_span(meta: TensorMeta) -> tuple[str, int]:
     return first.file, first.offset
 
 
-class _BatchWriter:
-    """Packs stored data into files of about ``target_bytes``, with up to
-    ``tier.concurrent_puts`` writes in flight.
-
-    Raw tensors that lie back to back in a host file are written as one slice of it
-    (alignment padding included), so many small tensors cost one buffer, not one each.
-    """
-
-    def __init__(self, tier: Tier, directory: str, prefix: str, target_bytes: int | None,
-                 on_write: Callable[[int, float], None]) -> None:
-        self._tier, self._dir, self._prefix = tier, directory, prefix
-        self._target = target_bytes
-        self._on_write = on_write
-        self._parts: list[Any] = []
-        self._size = 0  # bytes in _parts, not counting the open region
-        self._region: list[Any] | None = None  # [host file, host view, start, end]
-        self._index = 0
-        self._inflight: collections.deque[asyncio.Task[None]] = collections.deque()
-        self.files: list[FileMeta] = []
-        self.segments: list[Segment] = []
-
-    @property
-    def _name(self) -> str:
-        return f"{self._prefix}-{self._index:05d}.bin"
-
-    def _close_region(self) -> None:
-        if self._region is not None:
-            src, view, start, end = self._region
-            self.segments.append(Segment(src, start, end, self._name, self._size))
-            self._parts.append(view[start:end])
-            self._size += end - start
-            self._region = None
-
-    @property
-    def _pending(self) -> int:
-        region = self._region
-        return self._size + (region[3] - region[2] if region is not None else 0)
-
-    async def add(self, data: Any) -> tuple[str, int]:
-        """Append a stored buffer; returns (file, offset) where it will live."""
-        self._close_region()
-        where = (self._name, self._size)
-        self._parts.append(data)
-        self._size += memoryview(data).nbytes
-        await self._maybe_emit()
-        return where
-
-    async def add_raw(self, src: str, view: memoryview, start: int, end: int) -> None:
-        """Append bytes [start, end) of host file ``src`` (recorded as a segment); adjacent
-        ranges share one slice and one segment."""
-        region = self._region
-        if region is not None and region[0] == src and 0 <= start - region[3] < ALIGN_BYTES:
-            region[3] = end
-        else:
-            self._close_region()
-            self._region = [src, view, start, end]
-        await self._maybe_emit()
-
-    async def _maybe_emit(self) -> None:
-        if self._target is not None and self._pending >= self._target:
-            await self._emit()
-
-    async def end_tensor(self) -> None:
-        if self._target is None and self._pending:  # unbatched: a file per tensor
-            await self._emit()
-
-    async def _emit(self) -> None:
-        self._close_region()
-        while len(self._inflight) >= max(1, self._tier.concurrent_puts):
-            await self._inflight.popleft()
-        name, parts, size = self._name, self._parts, self._size
-        self.files.append(FileMeta(name, size))
-        self._parts, self._size, self._index = [], 0, self._index + 1
-        self._inflight.append(asyncio.ensure_future(self._write(name, parts, size)))
-
-    async def _write(self, name: str, parts: list[Any], size: int) -> None:
-        t0 = time.perf_counter()
-        await self._tier.put(f"{self._dir}/{name}", parts)
-        self._on_write(size, time.perf_counter() - t0)
-
-    async def finish(self) -> list[FileMeta]:
-        if self._pending or not self.files:
-            await self._emit()
-        while self._inflight:
-            await self._inflight.popleft()
-        return self.files
-
-    async def cancel(self) -> None:
-        for task in self._inflight:
-            task.cancel()
-        await asyncio.gather(*self._inflight, return_exceptions=True)
-        self._inflight.clear()
-
-
 class FlushScheduler:
     def __init__(self, tiers: Mapping[str, Tier], policy: Policy, on_done: DoneCallback,
                  pin: Callable[[int], None], unpin: Callable[[int], Awaitable[None]],
                  cost: CostModel | None = None, queue_depth: int = 2) -> None:
         self._tiers = tiers
         self._policy = policy
-        self._host = tiers[policy.staging.name]
+        # the staging tier maps its blocks (an in-memory tier, checked when the tiers open)
+        self._host = cast(HostTier, tiers[policy.staging.name])
         self._on_done = on_done
         self._pin, self._unpin = pin, unpin
         self.cost = cost or CostModel(min_compress_bytes=policy.compression.min_bytes)
@@ -172,7 +109,7 @@ class FlushScheduler:
         for tp in policy.tiers[1:]:
             self.cost.tier(tp.name, tp.scheme)
         self._depth = queue_depth
-        self._queues: dict[str, asyncio.Queue[FlushJob | None]] = {
+        self._queues: dict[str, asyncio.Queue[Job | None]] = {
             tp.name: asyncio.Queue(queue_depth) for tp in policy.tiers[1:]}
         self._busy: dict[str, bool] = dict.fromkeys(self._queues, False)
         self._room = {name: asyncio.Event() for name in self._queues}  # set when a job is taken
@@ -199,7 +136,7 @@ class FlushScheduler:
             self._room[tier].clear()
             await self._room[tier].wait()
 
-    async def submit(self, tier: str, job: FlushJob) -> None:
+    async def submit(self, tier: str, job: Job) -> None:
         """Queue ``job`` for ``tier``; waits while that tier's queue is full (backpressure)."""
         await self._queues[tier].put(job)
 
@@ -274,30 +211,75 @@ class FlushScheduler:
             return codec, est, True
         return "raw", est, True
 
-    def _target_bytes(self, st: _TierState, manifest: Manifest) -> int | None:
+    def _target_bytes(self, st: _TierState, job: Job) -> int | None:
         batch = st.policy.batch_bytes
         if batch == "off":
             return None
         if isinstance(batch, int):
             return batch
-        host = self._host
-        budget = host.capacity_bytes if isinstance(host, HostTier) else None
-        return self.cost.batch_bytes(st.policy.name, manifest.nbytes, budget)
+        target = self.cost.batch_bytes(st.policy.name, job.nbytes, self._host.capacity_bytes)
+        return min(target, job.piece_bytes) if isinstance(job, StreamJob) else target
 
-    async def _flush(self, tier: Tier, st: _TierState, job: FlushJob) -> None:
-        host = self._host
-        assert isinstance(host, HostTier)
+    async def _flush(self, tier: Tier, st: _TierState, job: Job) -> None:
+        """Write ``job``'s checkpoint to ``tier``: data in batch files, then its manifest."""
         man = job.manifest
+        fit = self.cost.tier(tier.name)
+        target = self._target_bytes(st, job)
+        writer = BatchWriter(tier, man.step, str(man.info.get("save_id", "x")), target, fit.add)
+        out = _Written()
+        base = self._base_for(st, man) if isinstance(job, FlushJob) else None
+        try:
+            if isinstance(job, FlushJob):
+                files = await self._write_staged(tier.name, st, man, base, writer, out)
+            else:
+                files = await self._write_stream(tier.name, st, job, writer, out)
+        except BaseException as exc:
+            await writer.cancel()
+            if isinstance(job, StreamJob):
+                await job.discard(tier.name)
+            if isinstance(exc, Exception):
+                await remove_written(tier, man.step, writer.files)
+            raise
+        compression = {"mode": self._policy.compression.mode, "full": base is None,
+                       "base_steps": [base.step] if base is not None else [],
+                       "raw_bytes": out.raw_bytes, "stored_bytes": out.stored_bytes,
+                       "decisions": out.decisions}
+        committed = man.with_layout(tuple(out.tensors), tuple(files), tuple(writer.segments),
+                                    compression=compression, batch_bytes=target, tier=tier.name)
+        await self._commit(tier, committed, fit)
+        metrics = job.handle.metrics
+        metrics[f"{tier.name}.stored_bytes"] = out.stored_bytes
+        metrics[f"{tier.name}.batch_bytes"] = target
+        metrics[f"{tier.name}.fit"] = fit.to_dict()
+        metrics[f"{tier.name}.compression"] = compression
+        if isinstance(job, FlushJob):
+            await self._advance_base(st, man, full=base is None)
+        log.debug("step %d durable on %s (%d -> %d bytes)", man.step, tier.name,
+                  out.raw_bytes, out.stored_bytes)
+
+    async def _commit(self, tier: Tier, man: Manifest, fit: LinearFit) -> None:
+        """Write the manifest last; then remove files an earlier save of the step left."""
         sd = step_dir(man.step)
-        base = self._base_for(st, man)
+        t0 = time.perf_counter()
+        try:
+            await tier.put(manifest_key(man.step), man.to_bytes())
+        except Exception:
+            await remove_written(tier, man.step, man.files)
+            raise
+        fit.add(len(man.to_bytes()), time.perf_counter() - t0)
+        wanted = {f"{sd}/{f.key}" for f in man.files} | {manifest_key(man.step)}
+        for key in await tier.list(sd + "/"):
+            if key not in wanted:
+                await tier.delete(key)
+
+    async def _write_staged(self, tier: str, st: _TierState, man: Manifest,
+                            base: Manifest | None, writer: BatchWriter, out: _Written
+                            ) -> list[FileMeta]:
+        """Every tensor of a checkpoint committed on the host tier, coded as decided."""
+        host, sd = self._host, step_dir(man.step)
         views = {f.key: await host.view(f"{sd}/{f.key}") for f in man.files}
         base_views = ({f.key: await host.view(f"{step_dir(base.step)}/{f.key}")
                        for f in base.files} if base is not None else {})
-        fit = self.cost.tier(tier.name)
-        target = self._target_bytes(st, man)
-        writer = _BatchWriter(tier, sd, f"data-{man.info.get('save_id', 'x')}", target, fit.add)
-        tensors, decisions = [], []
-        raw_total = stored_total = 0
         try:
             for i, meta in enumerate(man.tensors):
                 file, off = tensor_span(meta)
@@ -306,50 +288,58 @@ class FlushScheduler:
                 if base is not None:
                     bfile, boff = tensor_span(base.tensors[i])
                     base_raw = base_views[bfile][boff:boff + meta.nbytes]
-                codec, est, decided = await self._choose(tier.name, st, meta, raw, base_raw)
-                chunks = await self._store(writer, st, meta, raw, views, codec, base,
-                                           base_raw)
+                codec, est, decided = await self._choose(tier, st, meta, raw, base_raw)
+                chunks = await self._store(writer, st, meta, raw, views, codec, base, base_raw)
                 await writer.end_tensor()
-                stored = sum(c.stored_len for c in chunks)
-                raw_total += meta.nbytes
-                stored_total += stored
-                if decided:
-                    decisions.append([meta.path, codec, None if est is None else round(est, 4),
-                                      round(meta.nbytes / max(stored, 1), 4)])
-                tensors.append(meta if codec == "raw" else replace(meta, chunks=tuple(chunks)))
-            files = await writer.finish()
-        except BaseException:
-            await writer.cancel()
-            raise
+                out.add(meta, codec, est, decided, chunks)
+                out.tensors.append(meta if codec == "raw" else replace(meta, chunks=tuple(chunks)))
+            return await writer.finish()
         finally:
             for v in (*views.values(), *base_views.values()):
                 v.release()
-        compression = {"mode": self._policy.compression.mode, "full": base is None,
-                       "base_steps": [base.step] if base is not None else [],
-                       "raw_bytes": raw_total, "stored_bytes": stored_total,
-                       "decisions": decisions}
-        committed = man.with_layout(tuple(tensors), tuple(files), tuple(writer.segments),
-                                    compression=compression,
-                                    batch_bytes=target, tier=tier.name)
-        data = committed.to_bytes()
-        t0 = time.perf_counter()
-        await tier.put(manifest_key(man.step), data)
-        fit.add(len(data), time.perf_counter() - t0)
-        wanted = {f"{sd}/{f.key}" for f in files} | {manifest_key(man.step)}
-        for key in await tier.list(sd + "/"):
-            if key not in wanted:
-                await tier.delete(key)
-        job.handle.metrics[f"{tier.name}.stored_bytes"] = stored_total
-        job.handle.metrics[f"{tier.name}.batch_bytes"] = target
-        job.handle.metrics[f"{tier.name}.fit"] = fit.to_dict()
-        job.handle.metrics[f"{tier.name}.compression"] = compression
-        await self._advance_base(st, man, full=base is None)
-        log.debug("step %d durable on %s (%d -> %d bytes)", man.step, tier.name, raw_total,
-                  stored_total)
 
-    async def _store(self, writer: _BatchWriter, st: _TierState, meta: TensorMeta,
+    async def _write_stream(self, tier: str, st: _TierState, job: StreamJob,
+                            writer: BatchWriter, out: _Written) -> list[FileMeta]:
+        """A streamed checkpoint, piece by piece: each segment of a tensor is coded as decided
+        (never as a delta: no base is in host memory), and a piece is written before the next
+        is taken, so it can be freed."""
+        by_slot: dict[int, list[ChunkMeta]] = {}
+        choices: dict[int, tuple[str, float | None, bool]] = {}
+        while (piece := await job.next_piece(tier)) is not None:
+            try:
+                pos = 0
+                view = piece.block.view
+                for (index, start, n), chunk in zip(piece.segments, piece.chunks, strict=True):
+                    slot = job.layout.slots[index]
+                    meta = TensorMeta(slot.path, slot.dtype, slot.shape, n, (chunk,))
+                    raw = view[pos:pos + n]
+                    if index not in choices:  # one codec per tensor, chosen on its first piece
+                        choices[index] = await self._choose(
+                            tier, st, replace(meta, nbytes=slot.nbytes), raw, None)
+                    codec, est, decided = choices[index]
+                    chunks = await self._store(writer, st, meta, raw, {piece.name: view}, codec,
+                                               None, None, raw_offset=start)
+                    await writer.end_tensor()
+                    out.add(meta, codec, est, decided, chunks)
+                    by_slot.setdefault(index, []).extend(chunks)
+                    pos += n
+                await writer.drain()
+            finally:
+                await piece.release()
+        if job.error is not None:
+            raise CheckpointError(f"step {job.manifest.step}: the state could not be copied "
+                                  f"({job.error!r})")
+        out.tensors.extend(
+            TensorMeta(s.path, s.dtype, s.shape, s.nbytes,
+                       tuple(sorted(by_slot.get(i, []), key=lambda c: c.raw_offset)))
+            for i, s in enumerate(job.layout.slots))
+        return await writer.finish()
+
+    async def _store(self, writer: BatchWriter, st: _TierState, meta: TensorMeta,
                      raw: memoryview, views: Mapping[str, memoryview], codec: str,
-                     base: Manifest | None, base_raw: memoryview | None) -> list[ChunkMeta]:
+                     base: Manifest | None, base_raw: memoryview | None,
+                     raw_offset: int = 0) -> list[ChunkMeta]:
+        """Store ``raw`` (``meta``'s bytes from ``raw_offset`` on) with ``codec``."""
         if codec == "raw":  # the host bytes and chunk table as they are, via a segment
             file, start = tensor_span(meta)
             await writer.add_raw(file, views[file], start, start + meta.nbytes)
@@ -365,7 +355,8 @@ class FlushScheduler:
         for ec in part.chunks:
             file, off = await writer.add(ec.stored)
             out.append(ChunkMeta(file=file, offset=off, stored_len=ec.stored_len,
-                                 raw_offset=ec.raw_offset, raw_len=ec.raw_len, xxh64=ec.xxh64,
+                                 raw_offset=raw_offset + ec.raw_offset, raw_len=ec.raw_len,
+                                 xxh64=ec.xxh64,
                                  codec=codec, elem_size=ec.elem_size,
                                  base_step=base.step if codec == DELTA_CODEC and base else None,
                                  stored_xxh64=ec.stored_xxh64))

@@ -15,7 +15,7 @@ import torch
 
 import asymcheck
 from asymcheck.manifest import Manifest
-from asymcheck.schedule import TierSkipped
+from asymcheck.errors import TierSkipped
 from tests import fault_tiers
 from tests._util import assert_same, load_from
 
@@ -320,3 +320,41 @@ def test_a_newer_commit_never_deletes_a_host_copy_whose_flush_is_not_queued_yet(
         assert loaded is not None
         assert_same(expected[step], loaded.state["model"], f"step {step}")
 
+
+
+def test_a_streamed_state_is_compressed_and_batched_like_any_other(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = _many_tensors(64, 128)  # 64 tensors of 64 KiB and 512 B: ~2.1 MB
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())  # low mantissa bytes zero: compressible
+    state_bytes = sum(p.nbytes for p in model.parameters())
+    policy = _write(tmp_path, f"""
+        [[tier]]
+        name = "host"
+        url = "shm://stream-coded"
+        capacity = {state_bytes // 3}
+        [[tier]]
+        name = "disk"
+        url = "file:disk"
+        [compression]
+        mode = "always"
+        min_bytes = "32KiB"
+    """)
+    expected = copy.deepcopy(model.state_dict())
+    with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
+        h = ckpt.save_sync(2)
+        h.durable("disk").wait(120)
+        assert h.metrics["mode"] == "streaming" and h.metrics["pieces"] >= 3
+    man = _manifests(tmp_path / "disk")[2]
+    codecs = {c.codec for t in man.tensors for c in t.chunks}
+    assert "shuffle" in codecs and "raw" in codecs  # large tensors coded, small ones raw
+    assert man.stored_bytes < state_bytes
+    assert len(man.files) < len(man.tensors)  # small tensors share batch files
+    assert man.info["streamed"] is True and man.info["compression"]["stored_bytes"] > 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
+        assert ckpt.restore_sync() == 2
+    assert_same(expected, model.state_dict())
