@@ -24,11 +24,13 @@ Every chunk carries the xxh64 of its stored bytes and of its decoded bytes, and
 :func:`decode_into` checks both: any change to the stored bytes is caught before they
 are decoded (zstd frames have bits a decoder ignores, so decoding alone would not
 catch every flip), and a decode bug or a wrong delta base is caught after.
+
+The byte-level kernels (shuffle, zigzag difference, zstd contexts) live in
+:mod:`asymcheck.transforms`; this module chunks, checks and dispatches.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, Future
@@ -39,7 +41,9 @@ import numpy as np
 import xxhash
 import zstandard
 
+from . import transforms as tf
 from .errors import ChecksumError
+from .transforms import BytesLike, byte_view
 
 __all__ = [
     "CODECS",
@@ -58,7 +62,6 @@ __all__ = [
 
 Codec = Literal["raw", "zstd", "shuffle", "delta", "delta_sub"]
 CODECS: Final[tuple[str, ...]] = get_args(Codec)
-BytesLike = bytes | bytearray | memoryview | np.ndarray
 
 DEFAULT_CHUNK_BYTES: Final = 4 << 20
 # On shuffled fp32 byte planes zstd level 1 compresses as well as levels 2-6 and about
@@ -69,11 +72,8 @@ META_VERSION: Final = 1
 _ELEM_SIZES: Final = (1, 2, 4, 8)
 _SAMPLE_PIECE_BYTES: Final = 16 << 10
 _DELTA_CODECS: Final = ("delta", "delta_sub")
-_SIGNED: Final = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
-_UNSIGNED: Final = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 _T = TypeVar("_T")
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +129,7 @@ class EncodedChunk:
         _check_elem_size(elem_size)
         if raw_offset < 0 or raw_len < 0:
             raise ValueError(f"chunk metadata has a negative offset or length: {dict(meta)}")
-        view = _byte_view(stored, "stored")
+        view = byte_view(stored, "stored")
         if view.nbytes != stored_len:
             raise ChecksumError(
                 f"chunk at raw offset {raw_offset}: stored {view.nbytes} bytes, "
@@ -172,129 +172,17 @@ def _check_elem_size(elem_size: int) -> None:
         raise ValueError(f"elem_size must be one of {_ELEM_SIZES}, got {elem_size!r}")
 
 
-def _byte_view(data: BytesLike, what: str) -> memoryview:
-    """A flat unsigned-byte view of any C-contiguous buffer, without copying."""
-    if isinstance(data, memoryview):
-        view = data
-    elif isinstance(data, np.ndarray):
-        view = data.data
-    else:
-        view = memoryview(data)
-    if not view.c_contiguous:
-        raise ValueError(f"{what} must be a C-contiguous buffer (make the tensor contiguous)")
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B")
-    return view
-
-
-def _as_array(view: memoryview) -> np.ndarray:
-    return np.frombuffer(view, dtype=np.uint8)
-
 
 def _base_view(base: BytesLike | None, raw_len: int, what: str) -> memoryview:
     if base is None:
         raise ValueError(f"{what}: the delta codec needs a base buffer, got None")
-    view = _byte_view(base, "base")
+    view = byte_view(base, "base")
     if view.nbytes != raw_len:
         raise ValueError(
             f"{what}: delta base has {view.nbytes} bytes but the partition has {raw_len}"
         )
     return view
 
-
-# ---------------------------------------------------------------------------- zstd contexts
-
-_local = threading.local()
-
-
-def _compressor(level: int) -> zstandard.ZstdCompressor:
-    """One compressor per thread and level: zstd contexts are not thread-safe."""
-    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "cctx", None)
-    if cache is None:
-        cache = _local.cctx = {}
-    cctx = cache.get(level)
-    if cctx is None:
-        cctx = cache[level] = zstandard.ZstdCompressor(level=level)
-    return cctx
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    dctx: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
-    if dctx is None:
-        dctx = _local.dctx = zstandard.ZstdDecompressor()
-    return dctx
-
-
-# ---------------------------------------------------------------------------- transforms
-
-
-def _shuffle_into(
-    src: np.ndarray, base: np.ndarray | None, elem_size: int, out: np.ndarray
-) -> None:
-    """out = byte-shuffle(src XOR base); a tail shorter than one element stays in place.
-
-    Copies one byte plane at a time: a row-wise gather is several times faster in numpy
-    than a transposed copy or a strided write.
-    """
-    body = len(src) - len(src) % elem_size
-    count = body // elem_size
-    src_rows = src[:body].reshape(count, elem_size)
-    planes = out[:body].reshape(elem_size, count)
-    if base is None:
-        for k in range(elem_size):
-            planes[k] = src_rows[:, k]
-        out[body:] = src[body:]
-    else:
-        base_rows = base[:body].reshape(count, elem_size)
-        for k in range(elem_size):
-            np.bitwise_xor(src_rows[:, k], base_rows[:, k], out=planes[k])
-        np.bitwise_xor(src[body:], base[body:], out=out[body:])
-
-
-def _unshuffle_into(
-    shuffled: np.ndarray, base: np.ndarray | None, elem_size: int, out: np.ndarray
-) -> None:
-    """Inverse of :func:`_shuffle_into`."""
-    body = len(shuffled) - len(shuffled) % elem_size
-    count = body // elem_size
-    planes = shuffled[:body].reshape(elem_size, count)
-    out_rows = out[:body].reshape(count, elem_size)
-    if base is None:
-        for k in range(elem_size):
-            out_rows[:, k] = planes[k]
-        out[body:] = shuffled[body:]
-    else:
-        base_rows = base[:body].reshape(count, elem_size)
-        for k in range(elem_size):
-            np.bitwise_xor(planes[k], base_rows[:, k], out=out_rows[:, k])
-        np.bitwise_xor(shuffled[body:], base[body:], out=out[body:])
-
-
-def _zigzag_diff(src: np.ndarray, base: np.ndarray, elem_size: int) -> np.ndarray:
-    """zigzag(src - base) per element as bytes (wrapping); a short tail is XORed."""
-    body = len(src) - len(src) % elem_size
-    out = np.empty(len(src), dtype=np.uint8)
-    itype = _SIGNED[elem_size]
-    diff = out[:body].view(itype)
-    np.subtract(src[:body].view(itype), base[:body].view(itype), out=diff)
-    sign = np.right_shift(diff, 8 * elem_size - 1)  # arithmetic: 0 or -1
-    np.left_shift(diff, 1, out=diff)
-    np.bitwise_xor(diff, sign, out=diff)
-    np.bitwise_xor(src[body:], base[body:], out=out[body:])
-    return out
-
-
-def _undo_zigzag_diff(coded: np.ndarray, base: np.ndarray, elem_size: int) -> None:
-    """Inverse of :func:`_zigzag_diff`, in place."""
-    body = len(coded) - len(coded) % elem_size
-    utype = _UNSIGNED[elem_size]
-    value = coded[:body].view(utype)
-    negate = np.bitwise_and(value, 1)
-    np.subtract(0, negate, out=negate)  # 0 or all ones
-    np.right_shift(value, 1, out=value)
-    np.bitwise_xor(value, negate, out=value)
-    np.add(value, base[:body].view(utype), out=value)
-    np.bitwise_xor(coded[body:], base[body:], out=coded[body:])
 
 
 # ---------------------------------------------------------------------------- one chunk
@@ -303,16 +191,16 @@ def _undo_zigzag_diff(coded: np.ndarray, base: np.ndarray, elem_size: int) -> No
 def _compress(
     codec: str, src: memoryview, base: memoryview | None, elem_size: int, level: int
 ) -> bytes:
-    cctx = _compressor(level)
+    cctx = tf.compressor(level)
     if codec == "zstd" or (codec == "shuffle" and elem_size == 1):
         return cctx.compress(src)
-    src_arr = _as_array(src)
-    base_arr = None if base is None else _as_array(base)
+    src_arr = tf.as_array(src)
+    base_arr = None if base is None else tf.as_array(base)
     if codec == "delta_sub":
         assert base_arr is not None
-        src_arr, base_arr = _zigzag_diff(src_arr, base_arr, elem_size), None
+        src_arr, base_arr = tf.zigzag_diff(src_arr, base_arr, elem_size), None
     staged = np.empty(src.nbytes, dtype=np.uint8)
-    _shuffle_into(src_arr, base_arr, elem_size, staged)
+    tf.shuffle_into(src_arr, base_arr, elem_size, staged)
     return cctx.compress(staged.data)
 
 
@@ -335,20 +223,6 @@ def _encode_chunk(
     return EncodedChunk(codec, offset, length, stored, digest, elem_size, stored_digest)
 
 
-def _decompress_into(stored: bytes | memoryview, dest: memoryview) -> None:
-    """Decompress one zstd frame into ``dest``, which it must fill exactly."""
-    with _decompressor().stream_reader(stored) as reader:
-        filled = 0
-        while filled < dest.nbytes:
-            got = reader.readinto(dest[filled:])
-            if got == 0:
-                break
-            filled += got
-        extra = reader.read(1)
-    if filled != dest.nbytes or extra:
-        raise ValueError(f"frame decodes to a size other than the expected {dest.nbytes} bytes")
-
-
 def _decode_chunk(chunk: EncodedChunk, out: memoryview, base: memoryview | None) -> None:
     dest = out[chunk.raw_offset : chunk.raw_offset + chunk.raw_len]
     if chunk.codec != "raw" and xxhash.xxh64_intdigest(chunk.stored) != chunk.stored_xxh64:
@@ -360,21 +234,21 @@ def _decode_chunk(chunk: EncodedChunk, out: memoryview, base: memoryview | None)
         if chunk.codec == "raw":
             if chunk.stored_len != chunk.raw_len:
                 raise ValueError(f"raw chunk stores {chunk.stored_len} bytes, not {chunk.raw_len}")
-            _as_array(dest)[:] = np.frombuffer(chunk.stored, dtype=np.uint8)
+            tf.as_array(dest)[:] = np.frombuffer(chunk.stored, dtype=np.uint8)
         elif chunk.codec == "zstd" or (chunk.codec == "shuffle" and chunk.elem_size == 1):
-            _decompress_into(chunk.stored, dest)
+            tf.decompress_into(chunk.stored, dest)
         else:
             staged = np.empty(chunk.raw_len, dtype=np.uint8)
-            _decompress_into(chunk.stored, staged.data)
+            tf.decompress_into(chunk.stored, staged.data)
             chunk_base = None
             if base is not None:
-                chunk_base = _as_array(base[chunk.raw_offset : chunk.raw_offset + chunk.raw_len])
+                chunk_base = tf.as_array(base[chunk.raw_offset : chunk.raw_offset + chunk.raw_len])
             if chunk.codec == "delta_sub":
                 assert chunk_base is not None
-                _unshuffle_into(staged, None, chunk.elem_size, _as_array(dest))
-                _undo_zigzag_diff(_as_array(dest), chunk_base, chunk.elem_size)
+                tf.unshuffle_into(staged, None, chunk.elem_size, tf.as_array(dest))
+                tf.undo_zigzag_diff(tf.as_array(dest), chunk_base, chunk.elem_size)
             else:
-                _unshuffle_into(staged, chunk_base, chunk.elem_size, _as_array(dest))
+                tf.unshuffle_into(staged, chunk_base, chunk.elem_size, tf.as_array(dest))
     except (zstandard.ZstdError, ValueError) as exc:
         raise ChecksumError(
             f"chunk at raw offset {chunk.raw_offset} ({chunk.codec}) is corrupt: {exc}"
@@ -429,7 +303,7 @@ def encode(
     _check_elem_size(elem_size)
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    view = _byte_view(data, "data")
+    view = byte_view(data, "data")
     raw_len = view.nbytes
     base_view = _base_view(base, raw_len, "encode") if codec in _DELTA_CODECS else None
     step = max(elem_size, chunk_bytes - chunk_bytes % elem_size)
@@ -473,7 +347,7 @@ def decode_into(
         chunks.chunks if isinstance(chunks, EncodedPartition) else chunks,
         key=lambda c: c.raw_offset,
     )
-    out_view = _byte_view(out, "out")
+    out_view = byte_view(out, "out")
     if out_view.readonly:
         raise ValueError("out must be a writable buffer")
     _check_coverage(ordered, out_view.nbytes)
@@ -507,7 +381,7 @@ def estimate_ratio(
     """
     _check_codec(codec)
     _check_elem_size(elem_size)
-    view = _byte_view(data, "data")
+    view = byte_view(data, "data")
     raw_len = view.nbytes
     base_view = _base_view(base, raw_len, "estimate_ratio") if codec in _DELTA_CODECS else None
     if codec == "raw" or raw_len == 0:
@@ -520,14 +394,9 @@ def estimate_ratio(
         last_start = raw_len - piece
         starts = [(i * last_start) // (count - 1) for i in range(count)]
         starts = [s - s % elem_size for s in starts]
-        sample = _gather(view, starts, piece)
-        sample_base = None if base_view is None else _gather(base_view, starts, piece)
+        sample = tf.gather(view, starts, piece)
+        sample_base = None if base_view is None else tf.gather(base_view, starts, piece)
     return sample.nbytes / len(_compress(codec, sample, sample_base, elem_size, level))
-
-
-def _gather(view: memoryview, starts: Sequence[int], piece: int) -> memoryview:
-    whole = _as_array(view)
-    return np.concatenate([whole[s : s + piece] for s in starts]).data
 
 
 def _synthetic_weights(nbytes: int, elem_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,11 +2,16 @@
 
 Every error is one line naming the file and the key, e.g.
 ``tiers.toml: tier[1].keep: must be an integer >= 1, got 0``.
+
+A policy whose first tier is not in shared memory gets a host stage in front of it, so a
+policy of one ``file://`` tier is enough to save to local disk.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import logging
 import os
 import re
 import sys
@@ -23,6 +28,8 @@ else:  # pragma: no cover
 from tiers.registry import known_schemes
 
 from .errors import PolicyError
+
+log = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
@@ -98,11 +105,27 @@ def parse_size(value: Any) -> int:
 def default_policy(directory: str | os.PathLike[str] = "checkpoints") -> Policy:
     """Host shared memory (named after the directory, so a new process finds it) + local files."""
     local = Path(directory).absolute()
-    tag = hashlib.sha1(str(local).encode()).hexdigest()[:12]
     return Policy(tiers=(
-        TierPolicy(name="host", url=f"shm://asymcheck-{tag}", keep=2),
+        TierPolicy(name="host", url=f"shm://asymcheck-{_shm_tag(str(local))}", keep=2),
         TierPolicy(name="local", url=f"file://{local}", keep=3),
     ))
+
+
+def _shm_tag(*keys: str) -> str:
+    """A short name part derived from ``keys``: the same keys (a restarted process with the
+    same policy) name the same shared memory."""
+    return hashlib.sha1("\n".join(keys).encode()).hexdigest()[:12]
+
+
+def _host_stage(tiers: list[TierPolicy]) -> TierPolicy:
+    """The host tier put in front of a policy whose first tier is not in shared memory:
+    one checkpoint in the default budget (half of /dev/shm), named after the tiers."""
+    names = {t.name for t in tiers}
+    candidates = itertools.chain(("host", "host-stage"),
+                                 (f"host-stage-{i}" for i in itertools.count(2)))
+    name = next(n for n in candidates if n not in names)
+    tag = _shm_tag(*(t.url for t in tiers))
+    return TierPolicy(name=name, url=f"shm://asymcheck-{tag}", capacity_bytes=None, keep=1)
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
@@ -135,11 +158,13 @@ def parse_policy(doc: dict[str, Any], *, source: str = "<policy>",
     for i, n in enumerate(names):
         if n in names[:i]:
             raise fail(f"tier[{i}].name", f"duplicate tier name {n!r}")
-    if tiers[0].scheme != "shm":
-        raise fail("tier[0].url", "the first tier stages checkpoints in memory and must be "
-                   f"a shm:// URL, got {tiers[0].url!r}")
     if any(t.scheme == "shm" for t in tiers[1:]):
         raise fail("tier", "only the first tier may be a shm:// tier")
+    if tiers[0].scheme != "shm":  # checkpoints are staged in memory: add a host stage
+        stage = _host_stage(tiers)
+        tiers.insert(0, stage)
+        log.info("%s: the first tier is not in shared memory; added the host stage %r (%s)",
+                 source, stage.name, stage.url)
     return Policy(tiers=tuple(tiers), compression=_parse_compression(doc.get("compression", {}),
                                                                      fail), source=source)
 

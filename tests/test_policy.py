@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import logging
+import shutil
 import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
+import asymcheck
 from asymcheck.policy import PolicyError, default_policy, load_policy, parse_size
+from tests._util import assert_same
 
 GOOD = """
 [[tier]]
@@ -69,7 +75,7 @@ def test_sizes_parse(value: object, expected: int) -> None:
     (('mode = "auto"', 'mode = "fast"'), "compression.mode", "off, auto or always"),
     (('on_full = "skip"', 'on_full = "drop"'), "tier[2].on_full", "wait"),
     (('name = "local"', 'name = "host"'), "tier[1].name", "duplicate"),
-    (('url = "shm://asymcheck-test"', 'url = "file:x"'), "tier[0].url", "shm://"),
+    (('"file:ckpt"', '"shm://second"'), "tier", "only the first tier may be a shm://"),
     (('"file:ckpt"', '"file:../../etc"'), "tier[1].url", ".."),
     (("[compression]", "[compresion]"), "compresion", "unknown key"),
 ])
@@ -92,3 +98,60 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_policy(_write(tmp_path, "[[tier]\nname="))
     with pytest.raises(PolicyError, match=r"tier: at least one"):
         load_policy(_write(tmp_path, "[compression]\nmode = 'off'\n"))
+
+
+DISK_ONLY = """
+[[tier]]
+name = "local"
+url = "file:ckpt"
+keep = 2
+"""
+
+
+def test_a_first_tier_outside_shared_memory_gets_a_host_stage(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="asymcheck.policy"):
+        policy = load_policy(_write(tmp_path, DISK_ONLY))
+    assert [t.name for t in policy.tiers] == ["host", "local"]
+    stage = policy.staging
+    assert stage.scheme == "shm" and stage.url.startswith("shm://asymcheck-")
+    assert stage.capacity_bytes is None and stage.keep == 1  # the checkpointer's default budget
+    assert policy.tier("local").keep == 2
+    notes = [r for r in caplog.records if r.name == "asymcheck.policy"]
+    assert len(notes) == 1 and notes[0].levelno == logging.INFO
+    assert "host stage" in notes[0].getMessage() and stage.url in notes[0].getMessage()
+
+    again = load_policy(_write(tmp_path, DISK_ONLY))  # a restarted process: same memory
+    assert again.staging.url == stage.url
+    other = tmp_path / "other"
+    other.mkdir()
+    assert load_policy(_write(other, DISK_ONLY)).staging.url != stage.url
+
+
+def test_the_added_host_stage_takes_a_name_no_tier_has(tmp_path: Path) -> None:
+    policy = load_policy(_write(tmp_path, GOOD.replace('"shm://asymcheck-test"', '"file:x"')))
+    assert [t.name for t in policy.tiers] == ["host-stage", "host", "local", "hdfs"]
+    assert [t.scheme for t in policy.tiers] == ["shm", "file", "file", "hdfs"]
+
+
+def test_one_file_tier_saves_and_restores_bit_exactly(tmp_path: Path, shm_root: Path) -> None:
+    path = _write(tmp_path, DISK_ONLY)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 16)).square().mean().backward()
+    opt.step()
+    expected = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    with asymcheck.Checkpointer(model, opt, policy=path) as ckpt:
+        ckpt.save_sync(1).wait_all_sync(60)
+    assert (tmp_path / "ckpt" / "step-000000000001" / "manifest.msgpack").is_file()
+    stage = shm_root / load_policy(path).staging.url.removeprefix("shm://")
+    assert (stage / "step-000000000001" / "manifest.msgpack").is_file()
+    shutil.rmtree(stage)  # memory lost: the copy on disk must do
+
+    torch.manual_seed(1)
+    fresh = torch.nn.Linear(16, 8)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    with asymcheck.Checkpointer(fresh, fresh_opt, policy=path) as ckpt:
+        assert ckpt.restore_sync() == 1
+    assert_same(expected, {"model": fresh.state_dict(), "opt": fresh_opt.state_dict()})

@@ -23,12 +23,13 @@ from typing import Any
 import pytest
 
 import asymcheck
-from tests._util import make_training, snapshot, train_steps
+from tests._util import load_from, make_training, snapshot, train_steps
 from tests.faults._faulty import FaultPlan
 from tests.faults._helpers import (
     committed_steps,
     compare,
     host_dir,
+    loaded_as_snapshot,
     restore_fresh,
     tmp_files,
     uncommitted_dirs,
@@ -174,3 +175,53 @@ def test_disk_full_fails_the_local_save_only_and_keeps_every_committed_checkpoin
     restored, state = restore_fresh(policy, width=WIDTH)
     assert restored == 6
     compare(refs[6], state, fault_stats)
+
+
+@pytest.mark.parametrize("fails", ["second batch file", "manifest"])
+def test_a_flush_failing_partway_removes_the_data_files_it_wrote(
+        fails: str, tmp_path: Path, shm_root: Path, faulty_scheme: str,
+        fault_stats: FaultStats) -> None:
+    """The failed flush deletes its own batch files at once (not when the tiers are next
+    opened); the host copy of the step and the next save are unaffected."""
+    plan = FaultPlan(keys=("data-",) if fails == "second batch file" else ("manifest",),
+                     fail_on=frozenset({2 if fails == "second batch file" else 1}),
+                     errno=errno.ENOSPC)
+    local = tmp_path / "ckpt"
+    policy = asymcheck.Policy(tiers=(
+        asymcheck.TierPolicy(name="host", url="shm://partial-flush", keep=2),
+        asymcheck.TierPolicy(name="local", url=f"{faulty_scheme}://{local}", keep=2,
+                             batch_bytes=64 << 10, options={"plan": plan.register()}),
+    ))
+    refs: dict[int, dict[str, Any]] = {}
+    model, opt, sched = make_training(seed=3, width=WIDTH)
+    ckpt = asymcheck.Checkpointer(model, opt, policy=policy, extras={"sched": sched},
+                                  mode="naive")
+
+    def save(step: int) -> asymcheck.SaveHandle:
+        train_steps(model, opt, sched, 1)
+        refs[step] = snapshot(model, opt, sched)
+        return ckpt.save_sync(step)
+
+    failed = save(1)
+    failed.durable("host").wait(60)
+    with pytest.raises(OSError) as info:
+        failed.durable("local").wait(60)
+    assert info.value.errno == errno.ENOSPC, repr(info.value)
+    fault_stats.fault("enospc")
+    assert plan.injected["raise"] == 1
+    left = [p for p in (local / "step-000000000001").rglob("*") if p.is_file()]
+    assert not left, f"the failed flush left {left}"
+    assert committed_steps(local) == [] and not tmp_files(local)
+    loaded = load_from("shm://partial-flush", 1)  # the host copy is whole
+    assert loaded is not None and loaded.step == 1
+    compare(refs[1], loaded_as_snapshot(loaded), fault_stats)
+
+    save(2).wait_all_sync(60)  # the next save commits normally
+    with pytest.raises(asymcheck.CheckpointError, match="injected fault"):
+        ckpt.close_sync()
+    assert committed_steps(local) == [2]
+    assert [p.name for p in local.iterdir()] == ["step-000000000002"]
+    shutil.rmtree(host_dir(shm_root, policy))  # from the disk alone
+    restored, state = restore_fresh(policy, width=WIDTH)
+    assert restored == 2
+    compare(refs[2], state, fault_stats)

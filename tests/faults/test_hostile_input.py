@@ -13,6 +13,7 @@ here is the validation itself, not the checksum.
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import textwrap
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ import msgpack
 import pytest
 
 import asymcheck
-from asymcheck.manifest import checksum, manifest_key
+from asymcheck.manifest import VERSION, checksum, manifest_key
 from tests._util import load_from, make_training, train_steps
 from tests.faults._helpers import REPO, host_dir
 from tests.faults._stats import FaultStats
@@ -150,6 +151,31 @@ def test_a_manifest_of_another_format_or_version_is_rejected(
     bad = craft((disk / manifest_key(STEP)).read_bytes(), lambda body: None, **envelope)
     with pytest.raises(asymcheck.ManifestError, match=message):
         asymcheck.Manifest.from_bytes(bad)
+    fault_stats.fault("hostile")
+
+
+def test_a_manifest_of_a_newer_version_is_refused_in_one_line_naming_both_versions(
+        tmp_path: Path, shm_root: Path, fault_stats: FaultStats) -> None:
+    """A checkpoint written by a newer build: restore says so and leaves it in place."""
+    policy = save_one(tmp_path)
+    path = tmp_path / "flushed" / manifest_key(STEP)
+    newer = craft(path.read_bytes(), lambda body: None, version=VERSION + 1)
+    both = rf"version {VERSION + 1}\b.*version {VERSION}\b"
+    with pytest.raises(asymcheck.ManifestError) as err:
+        asymcheck.Manifest.from_bytes(newer, source="newer")
+    assert "\n" not in str(err.value) and re.search(both, str(err.value)), str(err.value)
+
+    path.write_bytes(newer)
+    shutil.rmtree(host_dir(shm_root, policy))  # the disk holds the only copy
+    files = sorted(p.relative_to(tmp_path) for p in (tmp_path / "flushed").rglob("*"))
+    model, opt, _ = make_training(seed=2, width=8)
+    with asymcheck.Checkpointer(model, opt, policy=policy, mode="naive") as ckpt, \
+            pytest.raises(asymcheck.RestoreError) as failed:
+        ckpt.restore_sync()
+    msg = str(failed.value)
+    assert "\n" not in msg and re.search(both, msg), msg
+    assert msg.startswith(f"step {STEP}: no tier holds a readable manifest"), msg
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "flushed").rglob("*")) == files
     fault_stats.fault("hostile")
 
 
