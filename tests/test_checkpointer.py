@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import asymcheck
-from asymcheck.manifest import manifest_key
+from asymcheck.layout import manifest_key
 from asymcheck.restore import load_checkpoint
 from tests._util import assert_same, make_training, snapshot, train_steps
 from tiers.registry import open_tier

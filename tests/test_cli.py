@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -16,7 +17,9 @@ import torch
 
 import asymcheck
 from asymcheck import cli
-from asymcheck.manifest import Manifest, manifest_key
+from asymcheck.layout import step_dir
+from asymcheck.manifest import Manifest, committed_steps, manifest_key
+from asymcheck.retention import needed_bases, plan_deletions
 from tests._util import assert_same, make_training, snapshot, train_steps
 from tests.tiers.tier_cases import hdfs_base_url
 from tiers.registry import open_tier
@@ -263,6 +266,17 @@ def test_restore_to_pt_loads_with_weights_only(
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".state.pt")] == []
 
 
+def test_a_failed_export_write_is_a_one_line_error(
+        capsys: pytest.CaptureFixture[str], saved: dict[str, Any], policy_file: Path,
+        tmp_path: Path) -> None:
+    for name in ("state.pt", "model.safetensors"):
+        (tmp_path / f".{name}.tmp-{os.getpid()}").mkdir()  # where the export is written first
+        code, _, err = run(capsys, "restore", "3", "--to", str(tmp_path / name), "--policy",
+                           str(policy_file))
+        assert code == 2 and err.startswith("asymcheck: error: cannot write "), err
+        assert err.count("\n") == 1 and not (tmp_path / name).exists()
+
+
 def test_user_errors_exit_2_with_one_line_on_stderr(
         capsys: pytest.CaptureFixture[str], saved: dict[str, Any], policy_file: Path,
         tmp_path: Path) -> None:
@@ -309,10 +323,10 @@ def test_gc_applies_keep_and_drops_old_uncommitted_dirs(
 
     code, out, _ = run(capsys, "gc", "--dry-run", "--policy", str(gc_policy))
     assert code == 0
-    assert out.splitlines() == [
-        "would remove host step 1 (beyond keep=1)", "would remove host step 2 (beyond keep=1)",
-        "would remove host step 3 (beyond keep=1)", "would remove local step 1 (beyond keep=2)",
-        "would remove local step 2 (beyond keep=2)", "would remove local step 0 (uncommitted)",
+    assert out.splitlines() == [  # newest first, as live retention deletes
+        "would remove host step 3 (beyond keep=1)", "would remove host step 2 (beyond keep=1)",
+        "would remove host step 1 (beyond keep=1)", "would remove local step 2 (beyond keep=2)",
+        "would remove local step 1 (beyond keep=2)", "would remove local step 0 (uncommitted)",
         "gc: 6 to remove"]
     assert committed(local) == [1, 2, 3, 4] and committed(host) == [1, 2, 3, 4]
 
@@ -327,6 +341,53 @@ def test_gc_applies_keep_and_drops_old_uncommitted_dirs(
     code, out, _ = run(capsys, "gc", "--keep", "1", "--quiet", "--policy", str(gc_policy))
     assert code == 0 and out == "removed local step 3 (beyond keep=1)\n"
     assert committed(local) == [4]
+
+
+def agreement_policy(host: str, local: Path, keep: int) -> asymcheck.Policy:
+    """Deltas on every step but each third (0 and 3 full; 1, 2 on 0; 4, 5 on 3)."""
+    return asymcheck.Policy(
+        tiers=(asymcheck.TierPolicy(name="host", url=f"shm://{host}", keep=2),
+               asymcheck.TierPolicy(name="local", url=local.as_uri(), keep=keep)),
+        compression=asymcheck.CompressionPolicy(mode="always", full_every=3, min_bytes=1))
+
+
+def planned(directory: Path, keep: int) -> list[int]:
+    """What ``retention.plan_deletions`` deletes on a local tier in ``directory``."""
+    async def plan() -> list[int]:
+        tier = open_tier(directory.as_uri(), name="plan")
+        try:
+            steps = await committed_steps(tier)
+            needs = await needed_bases(tier, steps[-keep:])
+            return plan_deletions(steps, keep, needs=needs)
+        finally:
+            await tier.close()
+
+    return asyncio.run(plan())
+
+
+def test_gc_deletes_what_live_retention_deletes(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, local: Path) -> None:
+    save_steps(agreement_policy("asymcheck-agree", local, keep=6), list(range(6)))
+    assert committed(local) == [0, 1, 2, 3, 4, 5]
+    assert local_manifest(local, 5).info["compression"]["base_steps"] == [3]
+    offline = tmp_path / "offline"
+    shutil.copytree(local, offline)
+
+    code, out, _ = run(capsys, "gc", "--keep", "2", "--dry-run", "--tier", offline.as_uri())
+    assert code == 0
+    would = [int(line.split()[4]) for line in out.splitlines()
+             if line.startswith("would remove file step ")]
+    assert would == planned(offline, 2) == [2, 1, 0]  # newest first; 3 is 4's and 5's base
+    assert out.splitlines()[-1] == "gc: 3 to remove" and committed(offline) == list(range(6))
+
+    # the live checkpointer, keep=2, saves step 6 and applies retention to the same state
+    save_steps(agreement_policy("asymcheck-agree", local, keep=2), [6])
+    shutil.copytree(local / step_dir(6), offline / step_dir(6))
+    expected = sorted(set(range(7)) - set(planned(offline, 2)))
+    code, out, _ = run(capsys, "gc", "--keep", "2", "--tier", offline.as_uri())
+    assert code == 0
+    assert committed(offline) == committed(local) == expected == [3, 5, 6]
+    assert sorted(p.name for p in offline.iterdir()) == sorted(p.name for p in local.iterdir())
 
 
 def dead_pid() -> int:

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import asymcheck
-from asymcheck.layout import host_shard_url, shard_manifest_key
-from asymcheck.manifest import Manifest, manifest_key
+from asymcheck.layout import host_shard_url, manifest_key, shard_manifest_key
+from asymcheck.manifest import Manifest
 from tests._util import assert_same
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import asymcheck
-from asymcheck.manifest import Manifest
 from asymcheck.errors import TierSkipped
+from asymcheck.manifest import Manifest
 from tests import fault_tiers
 from tests._util import assert_same, load_from
 

@@ -29,9 +29,9 @@ import pytest
 import torch
 
 import asymcheck
-from asymcheck.manifest import manifest_key, step_dir
+from asymcheck.layout import manifest_key, step_dir
+from asymcheck.manifest import committed_steps
 from asymcheck.policy import TierPolicy
-from asymcheck.restore import committed_steps
 from tests._util import assert_same, make_training, snapshot, train_steps
 from tests.tiers.tier_cases import hdfs_base_url, hdfs_raw_files
 

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 import asymcheck
-from asymcheck.manifest import ChunkMeta, Manifest, manifest_key
+from asymcheck.layout import manifest_key
+from asymcheck.manifest import ChunkMeta, Manifest
 from asymcheck.restore import LoadedCheckpoint
 from tests._util import make_training, snapshot
 from tests.faults._stats import FaultStats

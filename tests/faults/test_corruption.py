@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import asymcheck
-from asymcheck.manifest import manifest_key
+from asymcheck.layout import manifest_key
 from tests._util import load_from, make_training, snapshot, train_steps
 from tests.faults._helpers import (
     compare,

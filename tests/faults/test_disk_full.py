@@ -16,7 +16,7 @@ import errno
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,16 @@ def small_disk(request: pytest.FixtureRequest, tmp_path: Path,
     disk.close()
 
 
+def trainer(ckpt: asymcheck.Checkpointer, model: Any, opt: Any, sched: Any,
+            refs: dict[int, dict[str, Any]]) -> Callable[[int], asymcheck.SaveHandle]:
+    """Train one step, keep a reference copy of the state, save it as ``step``."""
+    def save(step: int) -> asymcheck.SaveHandle:
+        train_steps(model, opt, sched, 1)
+        refs[step] = snapshot(model, opt, sched)
+        return ckpt.save_sync(step)
+    return save
+
+
 def test_disk_full_fails_the_local_save_only_and_keeps_every_committed_checkpoint(
         small_disk: SmallDisk, tmp_path: Path, shm_root: Path, fault_stats: FaultStats) -> None:
     policy = asymcheck.Policy(tiers=(
@@ -115,10 +125,7 @@ def test_disk_full_fails_the_local_save_only_and_keeps_every_committed_checkpoin
     ckpt = asymcheck.Checkpointer(model, opt, policy=policy, extras={"sched": sched},
                                   mode="naive")
 
-    def save(step: int) -> asymcheck.SaveHandle:
-        train_steps(model, opt, sched, 1)
-        refs[step] = snapshot(model, opt, sched)
-        return ckpt.save_sync(step)
+    save = trainer(ckpt, model, opt, sched, refs)
 
     for step in (1, 2, 3):
         save(step).wait_all_sync(60)
@@ -197,10 +204,7 @@ def test_a_flush_failing_partway_removes_the_data_files_it_wrote(
     ckpt = asymcheck.Checkpointer(model, opt, policy=policy, extras={"sched": sched},
                                   mode="naive")
 
-    def save(step: int) -> asymcheck.SaveHandle:
-        train_steps(model, opt, sched, 1)
-        refs[step] = snapshot(model, opt, sched)
-        return ckpt.save_sync(step)
+    save = trainer(ckpt, model, opt, sched, refs)
 
     failed = save(1)
     failed.durable("host").wait(60)

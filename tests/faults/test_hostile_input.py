@@ -24,7 +24,8 @@ import msgpack
 import pytest
 
 import asymcheck
-from asymcheck.manifest import VERSION, checksum, manifest_key
+from asymcheck.layout import manifest_key
+from asymcheck.manifest import VERSION, checksum
 from tests._util import load_from, make_training, train_steps
 from tests.faults._helpers import REPO, host_dir
 from tests.faults._stats import FaultStats

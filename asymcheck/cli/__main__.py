@@ -1,0 +1,7 @@
+"""``python -m asymcheck.cli``: the ``asymcheck`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,177 @@
+"""``asymcheck restore``: export one checkpoint to a ``.pt`` or ``.safetensors`` file.
+
+Each tensor is read from the fastest tier with a good copy (``asymcheck.restore``). A
+multi-rank checkpoint is exported from rank 0's shard, read on the tiers where it is the shard
+the global manifest records: state that was replicated (``replicated=("model",)``) is whole
+there, the rest is rank 0's own; the output says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tiers.base import Tier
+
+from ..errors import RestoreError, UsageError
+from ..manifest import Manifest, read_manifest
+from ..restore import LoadedCheckpoint, load_checkpoint, steps_by_tier
+from ._output import EXIT_OK, fmt_bytes
+from ._ranks import read_shard, shard_records
+from ._tiers import Session, first_readable_manifest, missing_dir, run_with_tiers
+
+Meta = dict[str, int]
+
+
+def export_pt(state: dict[str, Any], step: int, path: Path, meta: Meta | None = None) -> int:
+    try:
+        torch.save({"model": state["model"], "optimizers": state["optimizers"], "step": step,
+                    **(meta or {})}, path)
+    except RuntimeError as e:  # the zip writer reports a failed write so
+        raise UsageError(f"cannot write {path}: {e}") from None
+    return sum(1 for _ in iter_tensors(state["model"])) + sum(
+        1 for o in state["optimizers"] for _ in iter_tensors(o))
+
+
+def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from iter_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from iter_tensors(v)
+
+
+def export_safetensors(state: dict[str, Any], step: int, path: Path,
+                       meta: Meta | None = None) -> int:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UsageError("writing .safetensors needs safetensors: "
+                         "pip install 'asymcheck[export]'") from None
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    skipped = []
+    for key, value in state["model"].items():
+        if not isinstance(value, torch.Tensor):
+            skipped.append(str(key))
+            continue
+        t = value.detach().contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in seen:
+            t = t.clone()  # tied weights: safetensors stores every name on its own
+        if t.numel():
+            seen.add(t.untyped_storage().data_ptr())
+        tensors[str(key)] = t
+    if skipped:
+        print(f"asymcheck: skipped {len(skipped)} non-tensor model entries: "
+              f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
+    metadata = {"step": str(step), **{k: str(v) for k, v in (meta or {}).items()}}
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:  # a failed write comes as this
+        raise UsageError(f"cannot write {path}: {e}") from None
+    return len(tensors)
+
+
+EXPORTERS: dict[str, Callable[[dict[str, Any], int, Path, Meta | None], int]] = {
+    ".pt": export_pt, ".safetensors": export_safetensors}
+#: what each format holds of a checkpoint's state
+EXPORTED = {".pt": ("model", "optimizers"), ".safetensors": ("model",)}
+
+
+async def rank0_shards(session: Session, holders: Sequence[Tier], step: int) -> list[Tier]:
+    """Rank 0's shard of ``step`` on each tier where it is the one the global manifest
+    records, fastest first."""
+    shards, problems = [], []
+    for tier in holders:
+        try:
+            m = await read_manifest(tier, step)
+            shard = session.shard(tier, 0)
+            if shard is None:
+                raise FileNotFoundError("rank 0's shared-memory directory is not on this host")
+            await read_shard(shard, step, shard_records(m)[0], m.world_size)
+        except Exception as e:
+            problems.append(f"{tier.name}: {e}")
+            continue
+        shards.append(shard)
+    if not shards:
+        raise RestoreError(f"step {step}: no tier holds a good copy of rank 0's shard "
+                           f"({'; '.join(problems)})")
+    return shards
+
+
+async def load(session: Session, step: int | None) -> tuple[LoadedCheckpoint, Manifest]:
+    """The checkpoint (rank 0's shard of a multi-rank one) and a global manifest of it."""
+    present = [t for t in session.tiers if missing_dir(t) is None]
+    found = await steps_by_tier(present)
+    if step is None and not found:
+        raise UsageError(f"no committed checkpoint on tier(s) "
+                         f"{', '.join(t.name for t in session.tiers)}")
+    step = max(found) if step is None else step
+    if step not in found:
+        raise RestoreError(f"step {step} is not committed on any tier (committed: "
+                           f"{', '.join(map(str, sorted(found))) or 'none'})")
+    _, m = await first_readable_manifest(found[step], step)
+    if m.world_size == 1:
+        loaded = await load_checkpoint(found[step], step)
+    else:
+        shards = await rank0_shards(session, found[step], step)
+        loaded = await load_checkpoint(shards, step, world_size=m.world_size)
+    assert loaded is not None
+    return loaded, m
+
+
+def shard_note(target: Path, m: Manifest) -> str:
+    """What of a multi-rank checkpoint the file holds."""
+    replicated = m.info.get("replicated") or []
+    parts = [f"{name}: {'whole (replicated)' if name in replicated else 'rank 0 only'}"
+             for name in EXPORTED[target.suffix]]
+    return (f"step {m.step} was saved by {m.world_size} ranks: {target.name} holds rank 0's "
+            f"shard ({'; '.join(parts)})")
+
+
+def check_target(args: argparse.Namespace) -> Path:
+    target = Path(args.to)
+    if target.suffix not in EXPORTERS:
+        raise UsageError(f"--to {args.to}: the file must end in .pt or .safetensors")
+    if target.exists() and not args.force:
+        raise UsageError(f"{target} exists (use --force to overwrite it)")
+    if not target.parent.is_dir():
+        raise UsageError(f"--to {args.to}: directory {target.parent} does not exist")
+    return target
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    target = check_target(args)
+
+    async def body(session: Session) -> tuple[LoadedCheckpoint, Manifest]:
+        return await load(session, args.step)
+
+    loaded, m = run_with_tiers(args.specs, body)
+    meta = {"rank": 0, "world_size": m.world_size} if m.world_size > 1 else None
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        count = EXPORTERS[target.suffix](loaded.state, loaded.step, tmp, meta)
+        os.replace(tmp, target)
+        size = target.stat().st_size
+    except OSError as e:
+        raise UsageError(f"cannot write {target}: {e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    sources = ", ".join(f"{k}: {v}" for k, v in sorted(loaded.sources.items()))
+    print(f"wrote {target}: step {loaded.step}, {count} tensors, "
+          f"{fmt_bytes(size)} (tensors read from {sources or 'no tier'})")
+    if m.world_size > 1:
+        print(shard_note(target, m))
+    return EXIT_OK
