@@ -18,7 +18,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -114,6 +114,7 @@ class FlushScheduler:
         self._busy: dict[str, bool] = dict.fromkeys(self._queues, False)
         self._room = {name: asyncio.Event() for name in self._queues}  # set when a job is taken
         self._workers = [asyncio.ensure_future(self._work(name)) for name in self._queues]
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     @property
     def pending(self) -> int:
@@ -141,13 +142,23 @@ class FlushScheduler:
         await self._queues[tier].put(job)
 
     async def join(self) -> None:
+        """Wait for every queued flush, and the cleanup of every failed one."""
         for q in self._queues.values():
             await q.join()
+        await asyncio.gather(*self._cleanups, return_exceptions=True)
+
+    def _remove_later(self, tier: Tier, step: int, files: Sequence[FileMeta]) -> None:
+        """Remove a failed flush's files in the background: the failure is reported at once
+        (a tier that stopped answering would delay it by another timeout)."""
+        task = asyncio.ensure_future(remove_written(tier, step, list(files)))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     async def close(self) -> None:
         for q in self._queues.values():
             await q.put(None)
         await asyncio.gather(*self._workers)
+        await asyncio.gather(*self._cleanups, return_exceptions=True)
         for st in self._state.values():
             if st.base is not None:
                 await self._unpin(st.base.step)
@@ -238,7 +249,7 @@ class FlushScheduler:
             if isinstance(job, StreamJob):
                 await job.discard(tier.name)
             if isinstance(exc, Exception):
-                await remove_written(tier, man.step, writer.files)
+                self._remove_later(tier, man.step, writer.files)
             raise
         compression = {"mode": self._policy.compression.mode, "full": base is None,
                        "base_steps": [base.step] if base is not None else [],
@@ -264,7 +275,7 @@ class FlushScheduler:
         try:
             await tier.put(manifest_key(man.step), man.to_bytes())
         except Exception:
-            await remove_written(tier, man.step, man.files)
+            self._remove_later(tier, man.step, man.files)
             raise
         fit.add(len(man.to_bytes()), time.perf_counter() - t0)
         wanted = {f"{sd}/{f.key}" for f in man.files} | {manifest_key(man.step)}

@@ -188,8 +188,9 @@ def test_disk_full_fails_the_local_save_only_and_keeps_every_committed_checkpoin
 def test_a_flush_failing_partway_removes_the_data_files_it_wrote(
         fails: str, tmp_path: Path, shm_root: Path, faulty_scheme: str,
         fault_stats: FaultStats) -> None:
-    """The failed flush deletes its own batch files at once (not when the tiers are next
-    opened); the host copy of the step and the next save are unaffected."""
+    """The failed flush deletes its own batch files right after the failure is reported (not
+    when the tiers are next opened; done once ``wait_idle`` returns); the host copy of the
+    step and the next save are unaffected."""
     plan = FaultPlan(keys=("data-",) if fails == "second batch file" else ("manifest",),
                      fail_on=frozenset({2 if fails == "second batch file" else 1}),
                      errno=errno.ENOSPC)
@@ -213,6 +214,7 @@ def test_a_flush_failing_partway_removes_the_data_files_it_wrote(
     assert info.value.errno == errno.ENOSPC, repr(info.value)
     fault_stats.fault("enospc")
     assert plan.injected["raise"] == 1
+    ckpt.wait_idle_sync()
     left = [p for p in (local / "step-000000000001").rglob("*") if p.is_file()]
     assert not left, f"the failed flush left {left}"
     assert committed_steps(local) == [] and not tmp_files(local)
