@@ -271,13 +271,14 @@ class FlushScheduler:
     async def _commit(self, tier: Tier, man: Manifest, fit: LinearFit) -> None:
         """Write the manifest last; then remove files an earlier save of the step left."""
         sd = step_dir(man.step)
+        data = man.to_bytes()
         t0 = time.perf_counter()
         try:
-            await tier.put(manifest_key(man.step), man.to_bytes())
+            await tier.put(manifest_key(man.step), data)
         except Exception:
             self._remove_later(tier, man.step, man.files)
             raise
-        fit.add(len(man.to_bytes()), time.perf_counter() - t0)
+        fit.add(len(data), time.perf_counter() - t0)
         wanted = {f"{sd}/{f.key}" for f in man.files} | {manifest_key(man.step)}
         for key in await tier.list(sd + "/"):
             if key not in wanted:
