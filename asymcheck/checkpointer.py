@@ -24,7 +24,7 @@ from tiers.host import HostTier
 
 from ._loop import LoopThread, Steps, drive, drive_async
 from .commit import Committer
-from .errors import CheckpointError, TierSkipped
+from .errors import CheckpointError
 from .handle import SaveHandle
 from .layout import new_job_id
 from .partition import BackwardPolicy, ForwardPolicy
@@ -203,27 +203,11 @@ class Checkpointer:
         if self._closed:
             raise RuntimeError("save() on a closed Checkpointer")
         yield from self._open()
-        scheduled = self._commit.scheduled()
-        prep = self._stager.prepare(step, self._topology.skipped(),
-                                    lambda nbytes: self._commit.staged_on(scheduled, nbytes))
-        handle = prep.handle
-        self._topology.track(handle, scheduled)
-        for tier in set(scheduled) - set(handle.tiers):
-            self._topology.resolve(handle, tier, TierSkipped(
-                f"step {step} streamed past tier {tier!r}: larger than its budget"))
+        prep = self._stager.prepare(step, self._topology.skipped(), self._commit.tiers_for)
         try:
-            waiting = self._commit.full_queues(prep)
-            if waiting:
-                yield self._commit.await_room(waiting, handle.metrics)
-            if self.policy.staging.name not in handle.tiers:
+            block = yield from self._commit.admit(prep)
+            if block is None:  # larger than the host budget allows: streamed in pieces
                 return (yield from save_in_pieces(self._commit, prep))
-            stage = self._commit.stage
-            stage.page_lock = prep.on_device
-            block = stage.take_spare(prep.layout.total_bytes)
-            if block is None:
-                block = yield stage.reserve(prep.data_key, prep.layout.total_bytes)
-            if stage.page_lock:
-                yield stage.ready(block, handle.metrics)
             try:
                 return self._stager.stage(prep, block,
                                           on_staged=lambda: self._commit.submit(prep, block))
@@ -231,7 +215,7 @@ class Checkpointer:
                 yield block.abort()
                 raise
         except BaseException as e:
-            self._topology.abandon(handle, e)  # the other ranks learn it at the commit
+            self._topology.abandon(prep.handle, e)  # the other ranks learn it at the commit
             raise
 
     def _load(self, step: int | None) -> Steps[LoadedCheckpoint | None]:

@@ -21,14 +21,14 @@ from typing import Any, cast
 from tiers.base import Tier
 from tiers.host import HostBlock, HostTier
 
-from ._loop import LoopThread
+from ._loop import LoopThread, Steps
 from .errors import TierSkipped
 from .handle import SaveHandle
 from .hoststage import HostStage
 from .layout import committed_in, group_step_dirs, manifest_key
 from .manifest import FileMeta, Manifest
 from .policy import Policy
-from .retention import delete_step, plan_uncommitted
+from .retention import delete_step, plan_uncommitted, settled_uncommitted
 from .schedule import FlushJob, FlushScheduler, Job
 from .stager import Prepared
 from .stream import StreamJob
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 class Committer:
-    """The pipeline after staging, on the loop thread (``scheduled``, ``full_queues`` and
+    """The pipeline after staging, on the loop thread (``tiers_for``, ``admit`` and
     ``submit`` are called from the training thread)."""
 
     def __init__(self, policy: Policy, topology: Topology, loop: LoopThread, job: str,
@@ -86,20 +86,39 @@ class Committer:
             await _drop_uncommitted(tier)
 
     # -------------------------------------------------------------- hand-off
-    def scheduled(self) -> tuple[str, ...]:
-        """The tiers the next save goes to: the host tier, and each tier whose ``every``
-        divides the save's index."""
+    def tiers_for(self, nbytes: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The tiers the next save of ``nbytes`` is scheduled on (the host tier, and each tier
+        whose ``every`` divides the save's index), and those it goes to: all of them, but the
+        host tier when two such saves do not fit its budget (it streams past, see ``stream``)."""
         index, self._save_index = self._save_index, self._save_index + 1
-        return tuple(t.name for i, t in enumerate(self.policy.tiers)
-                     if i == 0 or index % t.every == 0)
-
-    def staged_on(self, tiers: tuple[str, ...], nbytes: int) -> tuple[str, ...]:
-        """``tiers`` without the host tier when two saves of ``nbytes`` do not fit its budget:
-        such a save streams past it (``stream``)."""
+        scheduled = tuple(t.name for i, t in enumerate(self.policy.tiers)
+                          if i == 0 or index % t.every == 0)
         cap = self.host.capacity_bytes
         if cap is None or 2 * nbytes <= cap:
-            return tiers
-        return tuple(t for t in tiers if t != self.host.name)
+            return scheduled, scheduled
+        return scheduled, tuple(t for t in scheduled if t != self.host.name)
+
+    def admit(self, prep: Prepared) -> Steps[HostBlock | None]:
+        """Admit a new save: register it with the topology, wait for room in full queues
+        (backpressure, part of the stall), and give it a host block (None: it streams)."""
+        handle = prep.handle
+        self.topology.track(handle, prep.scheduled)
+        for tier in set(prep.scheduled) - set(handle.tiers):
+            self.topology.resolve(handle, tier, TierSkipped(
+                f"step {prep.step} streamed past tier {tier!r}: larger than its budget"))
+        waiting = self.full_queues(prep)
+        if waiting:
+            yield self.await_room(waiting, handle.metrics)
+        if self.host.name not in handle.tiers:
+            return None
+        stage = self.stage
+        stage.page_lock = prep.on_device
+        block = stage.take_spare(prep.layout.total_bytes)
+        if block is None:
+            block = yield stage.reserve(prep.data_key, prep.layout.total_bytes)
+        if stage.page_lock:
+            yield stage.ready(block, handle.metrics)
+        return block
 
     def full_queues(self, prep: Prepared) -> list[str]:
         """Scheduled tiers with ``on_full = wait`` whose backlog (queued, in flight, and saves
@@ -257,14 +276,28 @@ class Committer:
 
 
 async def _drop_uncommitted(tier: Tier) -> None:
-    """Remove step directories a crashed save left without a manifest (invisible anyway).
-    With several ranks, ``tier`` is this rank's view: only its own shards go."""
+    """Remove step directories a crashed save left without a manifest (invisible anyway),
+    on a tier with ``uncommitted_grace_s`` only those older than that. With several ranks,
+    ``tier`` is this rank's view: only its own shards go."""
     try:
         keys = await tier.list("step-")
     except Exception as e:
         log.warning("tier %s is unreachable at start-up: %s", tier.name, e)
         return
-    for s in plan_uncommitted(group_step_dirs(keys), committed_in(keys), newer_too=True):
+    groups = group_step_dirs(keys)
+    found = plan_uncommitted(groups, committed_in(keys), newer_too=True)
+    try:
+        # Object stores: a step whose data is younger than the grace period may be a save
+        # still writing (without rename, its data objects are visible before its manifest).
+        settled = await settled_uncommitted(tier, found, groups)
+    except Exception as e:
+        log.warning("tier %s: uncommitted steps not checked at start-up: %s", tier.name, e)
+        settled, found = [], []
+    for s in found:
+        if s not in settled:
+            log.info("keeping uncommitted step %d on tier %s: written less than %g s ago "
+                     "(uncommitted_grace_s)", s, tier.name, tier.uncommitted_grace_s)
+            continue
         log.info("removing uncommitted step %d from tier %s", s, tier.name)
         await delete_step(tier, s)
     if tier.capabilities.stale_tmp:  # tmp files of writes cut off by a crash

@@ -45,6 +45,8 @@ class Prepared:
     handle: SaveHandle
     started_s: float
     on_device: bool
+    scheduled: tuple[str, ...]  # every tier the save is scheduled on (``handle.tiers``: those
+    # it goes to; the host tier is left out when the state streams past it)
 
     @property
     def data_name(self) -> str:
@@ -87,9 +89,11 @@ class Stager:
 
     # ---------------------------------------------------------------- capture
     def prepare(self, step: int, skipped: frozenset[str],
-                tiers_for: Callable[[int], tuple[str, ...]]) -> Prepared:
+                tiers_for: Callable[[int], tuple[tuple[str, ...], tuple[str, ...]]]
+                ) -> Prepared:
         """Capture the state of ``step`` (``skipped`` parts are written by another rank);
-        ``tiers_for(nbytes)`` names the tiers a save of that size goes to."""
+        ``tiers_for(nbytes)`` names the tiers a save of that size is scheduled on, and those
+        it goes to."""
         started = time.perf_counter()
         step_dir(step)  # validates
         state = {
@@ -104,9 +108,10 @@ class Stager:
         }
         flat = flatten(state)
         layout = Layout.plan(flat.paths, flat.tensors, self.chunk_bytes)
-        handle = SaveHandle.create(step, tiers_for(layout.total_bytes), kick=self.finish_pending)
+        scheduled, tiers = tiers_for(layout.total_bytes)
+        handle = SaveHandle.create(step, tiers, kick=self.finish_pending)
         return Prepared(step, new_save_id(), flat.tensors, layout, pack_skeleton(flat.skeleton),
-                        handle, started, any(t.is_cuda for t in flat.tensors))
+                        handle, started, any(t.is_cuda for t in flat.tensors), scheduled)
 
     def _deferrable(self, tensors: tuple[torch.Tensor, ...]) -> list[int]:
         """Indices of tensors that only ``optimizer.step()`` changes (parameters and optimizer
