@@ -128,7 +128,8 @@ class Committer:
         if sched is None:
             return []
         handing_over = len(self._commits)
-        return [t for t in prep.handle.tiers[1:] if self.policy.tier(t).on_full == "wait"
+        return [t for t in prep.handle.tiers if t != self.host.name
+                and self.policy.tier(t).on_full == "wait"
                 and sched.backlog(t) + handing_over > sched.depth]
 
     async def await_room(self, tiers: list[str], metrics: dict[str, Any]) -> None:

@@ -24,22 +24,16 @@ from typing import Any
 
 import torch.distributed as dist
 
-from tiers.base import Payload, Tier, TierStat, validate_prefix
+from tiers.base import Tier
 from tiers.registry import open_tier
 
 from ._loop import LoopThread, Steps
-from .layout import (
-    committed_in,
-    group_step_dirs,
-    host_shard_url,
-    parse_step_dir,
-    rank_key,
-    unrank_key,
-)
+from .layout import committed_in, group_step_dirs, host_shard_url
 from .manifest import committed_steps
 from .policy import Policy
 from .rankcommit import RankCommits
 from .rankrestore import RankRestore
+from .rankview import RankScopedTier
 from .restore import LoadedCheckpoint
 from .retention import delete_step, needed_bases, plan_deletions, plan_uncommitted
 
@@ -47,55 +41,6 @@ from .retention import delete_step, needed_bases, plan_deletions, plan_uncommitt
 def active() -> bool:
     """Whether torch.distributed runs with more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-class RankScopedTier(Tier):
-    """Rank ``rank``'s view of a tier shared by the ranks: its ``step-<N>/KEY`` is the shared
-    tier's ``step-<N>/rank-<r>/KEY``. Closing the view leaves the shared tier open."""
-
-    def __init__(self, inner: Tier, rank: int) -> None:
-        super().__init__(inner.url, name=inner.name, capacity_bytes=inner.capacity_bytes)
-        self.scheme = inner.scheme
-        self.capabilities = inner.capabilities
-        self.concurrent_puts = inner.concurrent_puts
-        self.inner = inner
-        self.rank = rank
-
-    def _key(self, key: str) -> str:
-        try:
-            return rank_key(key, self.rank)
-        except ValueError as e:
-            raise ValueError(f"{self.name}: {e}") from None
-
-    async def put(self, key: str, data: Payload) -> None:
-        await self.inner.put(self._key(key), data)
-
-    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        return await self.inner.get(self._key(key), offset, length)
-
-    async def readinto(self, key: str, out: memoryview, offset: int = 0) -> None:
-        await self.inner.readinto(self._key(key), out, offset)
-
-    async def delete(self, key: str) -> None:
-        await self.inner.delete(self._key(key))
-
-    async def list(self, prefix: str = "") -> list[str]:
-        validate_prefix(prefix)
-        if "/" in prefix:
-            if parse_step_dir(prefix.split("/", 1)[0]) is None:
-                return []
-            inner_prefix = self._key(prefix)
-        else:
-            inner_prefix = prefix
-        keys = (unrank_key(k, self.rank) for k in await self.inner.list(inner_prefix))
-        return sorted(k for k in keys if k is not None and k.startswith(prefix))
-
-    async def stat(self, key: str) -> TierStat:
-        st = await self.inner.stat(self._key(key))
-        return TierStat(key=key, size_bytes=st.size_bytes, mtime_s=st.mtime_s)
-
-    async def close(self) -> None:
-        """The shared tier is closed by its owner."""
 
 
 class Ranks:

@@ -246,7 +246,7 @@ def _global(work: Path, step: int) -> Manifest:
 
 async def test_a_rank_scoped_view_maps_step_keys_into_the_rank_directory(
         tmp_path: Path) -> None:
-    from asymcheck.ranks import RankScopedTier
+    from asymcheck.rankview import RankScopedTier
     from tiers.local import LocalTier
 
     shared = LocalTier(f"file://{tmp_path / 'ckpt'}", name="local")

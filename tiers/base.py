@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 BytesLike = bytes | bytearray | memoryview
 Payload = BytesLike | Sequence[BytesLike]
@@ -60,6 +61,41 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
+#: Query parameters whose values are secrets: a name containing one of these words.
+_SECRET_WORDS = ("secret", "token", "password", "passwd", "key", "credential", "signature")
+#: Schemes whose URL user name is a credential (an access key), not a plain name.
+_USER_IS_SECRET = frozenset({"s3", "s3a", "gs", "gcs"})
+REDACTED = "***"
+
+
+def is_secret_name(name: str) -> bool:
+    lowered = name.lower()
+    return lowered == "sig" or any(word in lowered for word in _SECRET_WORDS)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its secrets replaced by ``***``: the password of its user info (and the
+    user name where it is an access key) and query values such as ``secret_key=...``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, sep, _ = userinfo.partition(":")
+        if parts.scheme.lower() in _USER_IS_SECRET and user:
+            user = REDACTED
+        netloc = f"{user}{sep}{REDACTED if sep else ''}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = "&".join(f"{quote(k, safe='')}="
+                         f"{REDACTED if is_secret_name(k) else quote(v, safe=':/,')}"
+                         for k, v in pairs)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 def payload_parts(data: Payload) -> list[memoryview]:
     """Normalise a payload to a list of flat byte views (no copies)."""
     parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
@@ -95,6 +131,11 @@ class Tier(abc.ABC):
     #: How many puts of one flush may run at once: 2 lets a file be written while the
     #: previous one syncs; 1 keeps a single stream.
     concurrent_puts: int = 1
+    #: Data of a step without a manifest is removed (at start-up, by ``asymcheck gc``) only
+    #: once its newest key is older than this. 0: at once, the right thing where a crashed
+    #: write leaves a tmp file rather than a visible key. Tiers without rename, whose data keys
+    #: become visible one by one while a save is still writing, set a grace period.
+    uncommitted_grace_s: float = 0.0
 
     def __init__(self, url: str, *, name: str | None = None,
                  capacity_bytes: int | None = None) -> None:

@@ -13,49 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tiers.base import Payload, Tier, TierError, TierStat, validate_prefix
+from tiers.base import Tier
 
 from ..errors import ManifestError
-from ..layout import manifest_key, parse_step_dir, rank_key, unrank_key
+from ..layout import manifest_key
 from ..manifest import Manifest, checksum
-
-
-class RankShard(Tier):
-    """Read-only view of rank ``rank``'s shards on a tier the ranks share: its
-    ``step-<N>/KEY`` is the shared tier's ``step-<N>/rank-<r>/KEY``. Closing it leaves the
-    shared tier open."""
-
-    def __init__(self, inner: Tier, rank: int) -> None:
-        super().__init__(inner.url, name=inner.name, capacity_bytes=inner.capacity_bytes)
-        self.scheme = inner.scheme
-        self.capabilities = inner.capabilities
-        self.inner = inner
-        self.rank = rank
-
-    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        return await self.inner.get(rank_key(key, self.rank), offset, length)
-
-    async def readinto(self, key: str, out: memoryview, offset: int = 0) -> None:
-        await self.inner.readinto(rank_key(key, self.rank), out, offset)
-
-    async def stat(self, key: str) -> TierStat:
-        st = await self.inner.stat(rank_key(key, self.rank))
-        return TierStat(key=key, size_bytes=st.size_bytes, mtime_s=st.mtime_s)
-
-    async def list(self, prefix: str = "") -> list[str]:
-        validate_prefix(prefix)
-        head, sep, _ = prefix.partition("/")
-        if sep and parse_step_dir(head) is None:
-            return []
-        keys = await self.inner.list(rank_key(prefix, self.rank) if sep else prefix)
-        found = (unrank_key(k, self.rank) for k in keys)
-        return sorted(k for k in found if k is not None and k.startswith(prefix))
-
-    async def put(self, key: str, data: Payload) -> None:
-        raise TierError(f"{self.name}: rank {self.rank}'s shards are read here, never written")
-
-    async def delete(self, key: str) -> None:
-        raise TierError(f"{self.name}: rank {self.rank}'s shards are read here, never deleted")
 
 
 @dataclass(frozen=True)

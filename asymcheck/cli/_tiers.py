@@ -24,7 +24,7 @@ from ..errors import ManifestError, UsageError
 from ..layout import host_shard_url
 from ..manifest import Manifest, committed_steps, read_manifest
 from ..policy import default_policy, load_policy
-from ._ranks import RankShard
+from ..rankview import RankScopedTier
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class Session:
                 if missing_dir(found) is not None:
                     found = None
             else:
-                found = RankShard(tier, rank)
+                found = RankScopedTier(tier, rank)
             self._shards[key] = found
         return self._shards[key]
 
