@@ -25,9 +25,21 @@ T = TypeVar("T")
 Steps = Generator[Coroutine[Any, Any, Any], Any, T]
 
 
+#: threads that run the pipeline's blocking calls (``asyncio.to_thread``: file writes, syncs,
+#: checksums): all started with the loop, so their number never changes while it runs
+IO_THREADS = 6
+
+
 class LoopThread:
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
+        self._io = concurrent.futures.ThreadPoolExecutor(IO_THREADS,
+                                                         thread_name_prefix=f"{name}-io")
+        started = threading.Barrier(IO_THREADS + 1)
+        for _ in range(IO_THREADS):
+            self._io.submit(started.wait)
+        started.wait()
+        self.loop.set_default_executor(self._io)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -62,6 +74,7 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+        self._io.shutdown(wait=True)
 
 
 def _resume(steps: Steps[Any], ok: bool, value: Any) -> tuple[bool, Any]:
