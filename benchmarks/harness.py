@@ -38,6 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cpumeter
+
 import asymcheck
 from tests._util import assert_same
 
@@ -645,7 +647,10 @@ def run(method: Method, make: Callable[[], Workload], *, warmup: int, iterations
         last_step, expected = -1, None
         total = warmup + iterations
         gate_owner = -1  # index in stall_s of the save whose copies the next step may wait for
+        cpu_start = cpumeter.read()
         for step in range(total):
+            if step == warmup:
+                cpu_start = cpumeter.read()
             t0 = time.perf_counter()
             w.loss(step).backward()
             w.optimizer.step()
@@ -671,9 +676,15 @@ def run(method: Method, make: Callable[[], Workload], *, warmup: int, iterations
             sync()
             if step >= warmup:
                 iteration_s.append(time.perf_counter() - t0)
+        cpu_trained = cpumeter.read()  # threads a method ends in finish() are named here
         t_drain = time.perf_counter()
         extra = method.finish()
         extra["finish_s"] = time.perf_counter() - t_drain
+        # every thread's CPU and minor faults: over the timed iterations (by thread), and
+        # with the drain that finishes the last saves (the totals)
+        extra["cpu_training"] = cpumeter.between(cpu_start, cpu_trained).to_dict()
+        extra["cpu"] = cpumeter.between(cpu_start, cpumeter.read()).to_dict()
+        extra["timed_checkpoints"] = len(timed_steps)
         mem = memory.stop()
         durable = [method.durable_at[s] - method.saved_at[s] for s in timed_steps
                    if s in method.durable_at and s in method.saved_at]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from costs import add_cpu_cost, best_dcp
 from harness import (
     AsymCheckMethod,
     DcpAsync,
@@ -30,6 +31,7 @@ from harness import (
     machine_info,
     run,
 )
+from peers import best_peers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
           f"device {args.device}{' ' + str(info['cuda']) if info.get('cuda') else ''}")
     local = {"every": args.local_every} if args.local_every != 1 else {}
     methods: list[Method] = [NoCheckpoint(), AsymCheckMethod("asymcheck asym", "asym", local=local),
-                             AsymCheckMethod("asymcheck naive", "naive", local=local), DcpAsync(),
-                             TorchSave()]
+                             AsymCheckMethod("asymcheck naive", "naive", local=local),
+                             *best_peers(), DcpAsync(), TorchSave()]
     rows = []
     for m in methods:
         r = run(m, make, warmup=warmup, iterations=args.iterations, every=args.every,
@@ -79,25 +81,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {m.name:18s} iteration {row['iteration_s_median']:.3f} s  stall median "
               f"{row['stall_s_median'] * 1e3:8.1f} ms  p90 {row['stall_s_p90'] * 1e3:8.1f} ms  "
               f"verified={row['verified_bit_exact']}", flush=True)
-    baseline = rows[0]["iteration_s_median"]
-    by_name = {r["method"]: r for r in rows}
-    dcp = by_name["DCP async_save"]
-    dcp_overhead = dcp["iteration_s_median"] / baseline - 1
-    print(f"\n{'method':18s} {'stall med':>10s} {'stall p90':>10s} {'overhead':>9s} "
-          f"{'stall/DCP':>10s} {'overhead/DCP':>13s}")
+    baseline = rows[0]
     for r in rows[1:]:
-        overhead = r["iteration_s_median"] / baseline - 1
+        add_cpu_cost(r, baseline, state_bytes)
+    dcp = best_dcp(rows)
+    dcp_overhead = dcp["iteration_s_median"] / baseline["iteration_s_median"] - 1
+    print(f"\nagainst {dcp['method']} (the better DCP-best row)")
+    print(f"{'method':18s} {'stall med':>10s} {'stall p90':>10s} {'overhead':>9s} "
+          f"{'stall/DCP':>10s} {'overhead/DCP':>13s} {'CPU-s/GB':>9s} {'faults/save':>12s}")
+    for r in rows[1:]:
+        overhead = r["iteration_s_median"] / baseline["iteration_s_median"] - 1
         r["overhead"] = overhead
         r["stall_ratio_to_dcp"] = r["stall_s_median"] / dcp["stall_s_median"]
         r["overhead_ratio_to_dcp"] = overhead / dcp_overhead if dcp_overhead > 0 else None
         print(f"{r['method']:18s} {r['stall_s_median'] * 1e3:8.1f}ms "
               f"{r['stall_s_p90'] * 1e3:8.1f}ms {overhead * 100:8.1f}% "
               f"{r['stall_ratio_to_dcp']:10.3f} "
-              f"{(r['overhead_ratio_to_dcp'] or float('nan')):13.3f}")
+              f"{(r['overhead_ratio_to_dcp'] or float('nan')):13.3f} "
+              f"{r['cpu_s_per_gb']:9.2f} {r['minflt_per_save']:12.0f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "state_bytes": state_bytes, "every": args.every,
-                               "iterations": args.iterations, "methods": rows}, indent=2))
+                               "iterations": args.iterations, "dcp_reference": dcp["method"],
+                               "methods": rows}, indent=2))
     print(f"\nwrote {out}")
     return 0
 

@@ -1,0 +1,30 @@
+"""What a method costs beyond training, from one run's rows: CPU seconds per GB checkpointed
+over every thread of the process, and minor page faults per save, both net of the
+no-checkpoint row measured in the same process run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+DCP_BEST = ("DCP-best thread", "DCP-best process")
+
+
+def add_cpu_cost(row: dict[str, Any], baseline: dict[str, Any], state_bytes: int) -> None:
+    """Add ``cpu_s_per_gb``, ``minflt_per_save`` and ``cpu_s_by_thread`` to ``row``."""
+    saves = max(1, int(row.get("timed_checkpoints", 0)))
+    cpu, base = row["cpu"], baseline["cpu"]
+    # the no-checkpoint row ran the same iterations: per iteration, scaled to this row's count
+    scale = len(row["iteration_s_all"]) / max(1, len(baseline["iteration_s_all"]))
+    extra_cpu_s = cpu["total_cpu_s"] - base["total_cpu_s"] * scale
+    extra_faults = cpu["total_minflt"] - base["total_minflt"] * scale
+    row["cpu_s_per_gb"] = extra_cpu_s / (saves * state_bytes / 1e9)
+    row["minflt_per_save"] = extra_faults / saves
+    row["cpu_s_by_thread"] = row["cpu_training"]["cpu_s"]  # the timed iterations, by thread
+
+
+def best_dcp(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The better of the DCP-best rows (lower mean iteration time), the headline's reference."""
+    found = [r for r in rows if r["method"] in DCP_BEST]
+    if not found:
+        raise ValueError(f"no DCP-best row among {[r['method'] for r in rows]}")
+    return min(found, key=lambda r: r["iteration_s_median"])

@@ -1,0 +1,103 @@
+"""CPU seconds and minor page faults of every thread of this process, grouped by thread name.
+
+Read from ``/proc/self/task/<tid>/stat`` (utime + stime, minflt): training threads, the
+checkpointer's loop and I/O threads, a peer's stager and writer threads all count. Python
+threads are named through ``threading`` (the kernel's name for them is the process's), so a
+thread's group is its Python name without a trailing counter (``asymcheck-...-io_3`` ->
+``asymcheck-...-io``); threads that ended between two readings count under ``(ended)``,
+from the process totals.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+_COUNTER = re.compile(r"[_-]\d+$")
+ENDED = "(ended)"
+
+
+def _stat(path: str) -> tuple[str, float, int] | None:
+    """(kernel name, CPU seconds, minor faults) from a ``stat`` file, None if it is gone."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    name = text[text.index("(") + 1:text.rindex(")")]
+    fields = text[text.rindex(")") + 2:].split()
+    # after the name: state(0) ppid pgrp session tty tpgid flags minflt(7) ... utime(11) stime(12)
+    return name, (int(fields[11]) + int(fields[12])) * _TICK_S, int(fields[7])
+
+
+def _group(name: str) -> str:
+    return _COUNTER.sub("", name)
+
+
+@dataclass
+class Reading:
+    cpu_s: Counter[str] = field(default_factory=Counter)
+    minflt: Counter[str] = field(default_factory=Counter)
+    by_tid: dict[int, str] = field(default_factory=dict)
+    total_cpu_s: float = 0.0
+    total_minflt: int = 0
+
+
+def read() -> Reading:
+    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    out = Reading()
+    for tid in os.listdir("/proc/self/task"):
+        got = _stat(f"/proc/self/task/{tid}/stat")
+        if got is None:
+            continue
+        kernel_name, cpu_s, minflt = got
+        group = _group(names.get(int(tid), kernel_name))
+        out.by_tid[int(tid)] = group
+        out.cpu_s[f"{tid}:{group}"] = cpu_s
+        out.minflt[f"{tid}:{group}"] = minflt
+    total = _stat("/proc/self/stat")
+    if total is not None:
+        out.total_cpu_s, out.total_minflt = total[1], total[2]
+    return out
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the process spent between two readings."""
+
+    cpu_s: dict[str, float]  # by thread group
+    minflt: dict[str, int]
+
+    @property
+    def total_cpu_s(self) -> float:
+        return sum(self.cpu_s.values())
+
+    @property
+    def total_minflt(self) -> int:
+        return sum(self.minflt.values())
+
+    def to_dict(self) -> dict[str, object]:
+        return {"cpu_s": {k: round(v, 3) for k, v in sorted(self.cpu_s.items())},
+                "minflt": dict(sorted(self.minflt.items())),
+                "total_cpu_s": round(self.total_cpu_s, 3), "total_minflt": self.total_minflt}
+
+
+def between(a: Reading, b: Reading) -> Usage:
+    """Per thread group, what was spent from ``a`` to ``b`` (threads alive at ``b``; the
+    rest of the process totals under ``(ended)``)."""
+    cpu: Counter[str] = Counter()
+    faults: Counter[str] = Counter()
+    for key, value in b.cpu_s.items():
+        group = key.split(":", 1)[1]
+        cpu[group] += value - a.cpu_s.get(key, 0.0)
+        faults[group] += b.minflt[key] - a.minflt.get(key, 0)
+    ended_cpu = (b.total_cpu_s - a.total_cpu_s) - sum(cpu.values())
+    ended_faults = (b.total_minflt - a.total_minflt) - sum(faults.values())
+    if ended_cpu > 0.005 or ended_faults > 0:
+        cpu[ENDED] += max(ended_cpu, 0.0)
+        faults[ENDED] += max(ended_faults, 0)
+    return Usage(dict(cpu), dict(faults))
