@@ -105,11 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     ver.set_defaults(func=cmd_verify)
 
     res = sub.add_parser("restore", parents=[common],
-                         help="export a checkpoint to a .pt or .safetensors file")
+                         help="export a checkpoint to a .pt or .safetensors file, or a "
+                         "Hugging Face model folder")
     res.add_argument("step", type=step_arg, metavar="STEP", help="step number or 'latest'")
     res.add_argument("--to", required=True, metavar="FILE",
                      help="FILE.pt (model + optimizers + step) or FILE.safetensors (model); "
-                     "of a multi-rank checkpoint, rank 0's shard")
+                     "of a multi-rank checkpoint, rank 0's shard; with --format hf a folder")
+    res.add_argument("--format", choices=("pt", "safetensors", "hf"), default=None,
+                     help="pt | safetensors | hf (a from_pretrained folder: model.safetensors "
+                     "+ config.json); default: from the suffix of FILE")
     res.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     res.set_defaults(func=cmd_restore)
 

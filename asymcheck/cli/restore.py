@@ -1,4 +1,7 @@
-"""``asymcheck restore``: export one checkpoint to a ``.pt`` or ``.safetensors`` file.
+"""``asymcheck restore``: export one checkpoint to a ``.pt`` or ``.safetensors`` file, or to a
+Hugging Face model folder (``--format hf``: ``model.safetensors`` + ``config.json``, which
+``AutoModel*.from_pretrained(DIR)`` loads; the config comes from the checkpoint's ``hf_config``
+extra, which the transformers integration saves).
 
 Each tensor is read from the fastest tier with a good copy (``asymcheck.restore``). A
 multi-rank checkpoint is exported from rank 0's shard, read on the tiers where it is the shard
@@ -10,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -83,10 +88,44 @@ def export_safetensors(state: dict[str, Any], step: int, path: Path,
     return len(tensors)
 
 
+HF_CONFIG = "hf_config"  # the extra holding the model's config (see integrations.transformers)
+HF_WEIGHTS, HF_CONFIG_FILE = "model.safetensors", "config.json"
+
+
+def _hf_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The model's state as ``save_pretrained`` names it: a ``module.`` prefix of a wrapped
+    model (DistributedDataParallel) dropped."""
+    model = state["model"]
+    if model and all(str(k).startswith("module.") for k in model):
+        model = {str(k)[len("module."):]: v for k, v in model.items()}
+    return {**state, "model": model}
+
+
+def export_hf(state: dict[str, Any], step: int, path: Path, meta: Meta | None = None) -> int:
+    """A ``from_pretrained`` folder: ``model.safetensors`` and ``config.json``. Tied weights
+    are written under every name (as the ``.safetensors`` export does); ``from_pretrained``
+    ties them again as the config says."""
+    config = (state.get("extras") or {}).get(HF_CONFIG)
+    if not isinstance(config, dict) or not isinstance(config.get("json"), str):
+        raise UsageError(f"step {step} holds no model config (extra {HF_CONFIG!r}, saved by "
+                         "asymcheck.integrations.transformers): --format hf needs it")
+    try:
+        path.mkdir()
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e}") from None
+    count = export_safetensors(_hf_state(state), step, path / HF_WEIGHTS,
+                               {**(meta or {}), "format": "pt"})  # type: ignore[dict-item]
+    (path / HF_CONFIG_FILE).write_text(
+        json.dumps(json.loads(config["json"]), indent=2, sort_keys=True) + "\n")
+    return count
+
+
 EXPORTERS: dict[str, Callable[[dict[str, Any], int, Path, Meta | None], int]] = {
-    ".pt": export_pt, ".safetensors": export_safetensors}
+    ".pt": export_pt, ".safetensors": export_safetensors, "hf": export_hf}
 #: what each format holds of a checkpoint's state
-EXPORTED = {".pt": ("model", "optimizers"), ".safetensors": ("model",)}
+EXPORTED = {".pt": ("model", "optimizers"), ".safetensors": ("model",), "hf": ("model",)}
+#: ``--format`` names
+FORMATS = {"pt": ".pt", "safetensors": ".safetensors", "hf": "hf"}
 
 
 async def rank0_shards(session: Session, holders: Sequence[Tier], step: int) -> list[Tier]:
@@ -131,28 +170,48 @@ async def load(session: Session, step: int | None) -> tuple[LoadedCheckpoint, Ma
     return loaded, m
 
 
-def shard_note(target: Path, m: Manifest) -> str:
+def shard_note(target: Path, m: Manifest, fmt: str) -> str:
     """What of a multi-rank checkpoint the file holds."""
     replicated = m.info.get("replicated") or []
     parts = [f"{name}: {'whole (replicated)' if name in replicated else 'rank 0 only'}"
-             for name in EXPORTED[target.suffix]]
+             for name in EXPORTED[fmt]]
     return (f"step {m.step} was saved by {m.world_size} ranks: {target.name} holds rank 0's "
             f"shard ({'; '.join(parts)})")
 
 
-def check_target(args: argparse.Namespace) -> Path:
+def check_target(args: argparse.Namespace) -> tuple[Path, str]:
+    """The target and its format (``.pt``, ``.safetensors`` or ``hf``)."""
     target = Path(args.to)
-    if target.suffix not in EXPORTERS:
-        raise UsageError(f"--to {args.to}: the file must end in .pt or .safetensors")
+    fmt = FORMATS[args.format] if getattr(args, "format", None) else target.suffix
+    if fmt not in EXPORTERS:
+        raise UsageError(f"--to {args.to}: the file must end in .pt or .safetensors "
+                         "(or pass --format pt|safetensors|hf)")
     if target.exists() and not args.force:
         raise UsageError(f"{target} exists (use --force to overwrite it)")
+    if fmt == "hf" and target.exists() and not target.is_dir():
+        raise UsageError(f"--to {args.to}: --format hf writes a directory; {target} is a file")
     if not target.parent.is_dir():
         raise UsageError(f"--to {args.to}: directory {target.parent} does not exist")
-    return target
+    return target, fmt
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    if tmp.is_dir() and target.is_dir():  # --force on a folder: its exported files are replaced
+        for f in tmp.iterdir():
+            os.replace(f, target / f.name)
+        tmp.rmdir()
+    else:
+        os.replace(tmp, target)
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(path.joinpath(n).stat().st_size for n in (HF_WEIGHTS, HF_CONFIG_FILE))
+    return path.stat().st_size
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    target = check_target(args)
+    target, fmt = check_target(args)
 
     async def body(session: Session) -> tuple[LoadedCheckpoint, Manifest]:
         return await load(session, args.step)
@@ -161,17 +220,20 @@ def cmd_restore(args: argparse.Namespace) -> int:
     meta = {"rank": 0, "world_size": m.world_size} if m.world_size > 1 else None
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        count = EXPORTERS[target.suffix](loaded.state, loaded.step, tmp, meta)
-        os.replace(tmp, target)
-        size = target.stat().st_size
+        count = EXPORTERS[fmt](loaded.state, loaded.step, tmp, meta)
+        _replace(tmp, target)
+        size = _size(target)
     except OSError as e:
         raise UsageError(f"cannot write {target}: {e}") from None
     finally:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            if tmp.is_dir():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
     sources = ", ".join(f"{k}: {v}" for k, v in sorted(loaded.sources.items()))
     print(f"wrote {target}: step {loaded.step}, {count} tensors, "
           f"{fmt_bytes(size)} (tensors read from {sources or 'no tier'})")
     if m.world_size > 1:
-        print(shard_note(target, m))
+        print(shard_note(target, m, fmt))
     return EXIT_OK
