@@ -56,7 +56,8 @@ class LinearFit:
 
 
 #: priors for a tier's writes by URL scheme: (latency_s, throughput_bps)
-TIER_PRIORS = {"file": (0.005, 300e6), "hdfs": (0.02, 100e6), "shm": (0.0002, 3e9)}
+TIER_PRIORS = {"file": (0.005, 300e6), "hdfs": (0.02, 100e6), "shm": (0.0002, 3e9),
+               **dict.fromkeys(("s3", "gs", "gcs", "abfs", "abfss"), (0.03, 100e6))}
 
 
 @dataclass

@@ -9,13 +9,18 @@ with ``delete_step``, so they always agree. The rules:
 - a pinned step stays (a flush or a delta still reads its host copy);
 - deletions run newest first, so a delta always goes before its base;
 - a step is uncommitted first (its manifest), then its data is removed: never a manifest
-  whose data is gone.
+  whose data is gone;
+- on a tier with a grace period (``Tier.uncommitted_grace_s``: object stores, where data
+  objects become visible one by one while a save writes them), a step directory without a
+  manifest goes only once its newest key is older than that period (``settled_uncommitted``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Collection, Iterable, Mapping, MutableMapping
+import time
+from collections.abc import Collection, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from tiers.base import KeyNotFound, Tier
@@ -50,6 +55,31 @@ def plan_uncommitted(dirs: Iterable[int], committed: Iterable[int], *,
     newest = max(done, default=None)
     return sorted((s for s in set(dirs) - done if s not in busy
                    and (newer_too or (newest is not None and s < newest))), reverse=True)
+
+
+async def settled_uncommitted(tier: Tier, steps: Iterable[int],
+                              keys: Mapping[int, Sequence[str]], *,
+                              now: float | None = None) -> list[int]:
+    """Those of ``steps`` (step directories without a manifest, in the caller's order) whose
+    keys ``keys[step]`` are all older than the tier's ``uncommitted_grace_s``: a save may still
+    be writing a younger one. Every step when the tier has no grace period (no key is read);
+    a step whose keys cannot be checked stays."""
+    steps = list(steps)
+    grace = tier.uncommitted_grace_s
+    if grace <= 0:
+        return steps
+    cutoff = (time.time() if now is None else now) - grace
+    old = []
+    for step in steps:
+        stats = await asyncio.gather(*(tier.stat(k) for k in keys.get(step, ())),
+                                     return_exceptions=True)
+        if any(isinstance(st, BaseException) and not isinstance(st, KeyNotFound)
+               for st in stats):
+            continue
+        mtimes = [st.mtime_s for st in stats if not isinstance(st, BaseException)]
+        if max(mtimes, default=float("-inf")) < cutoff:
+            old.append(step)
+    return old
 
 
 def bases_in(manifest: Manifest) -> list[int]:

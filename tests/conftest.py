@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import asymcheck
+from tiers.base import redact_url
 
 SHM = Path("/dev/shm")
 
@@ -38,4 +39,6 @@ def local_dir(policy: asymcheck.Policy) -> Path:
 
 def pytest_report_header() -> list[str]:
     hdfs = os.environ.get("ASYMCHECK_TEST_HDFS")
-    return [f"asymcheck: HDFS tests {'against ' + hdfs if hdfs else 'not configured'}"]
+    s3 = os.environ.get("ASYMCHECK_TEST_S3")
+    return [f"asymcheck: HDFS tests {'against ' + hdfs if hdfs else 'not configured'}",
+            f"asymcheck: S3 tests {'against ' + redact_url(s3) if s3 else 'not configured'}"]

@@ -6,13 +6,19 @@ import importlib
 from typing import Any
 from urllib.parse import urlsplit
 
-from tiers.base import Tier
+from tiers.base import Tier, redact_url
 
 #: scheme -> (module, class name, install hint shown when the module cannot be imported)
 TIER_CLASSES: dict[str, tuple[str, str, str]] = {
     "shm": ("tiers.host", "HostTier", ""),
     "file": ("tiers.local", "LocalTier", ""),
     "hdfs": ("tiers.hdfs", "HdfsTier", "pip install 'asymcheck[hdfs]'"),
+    # object stores through pyarrow.fs (the pyarrow URI goes to FileSystem.from_uri as it is)
+    "s3": ("tiers.arrowfs", "ArrowFsTier", "pip install 'asymcheck[s3]'"),
+    "gs": ("tiers.arrowfs", "ArrowFsTier", "pip install 'asymcheck[s3]'"),
+    "gcs": ("tiers.arrowfs", "ArrowFsTier", "pip install 'asymcheck[s3]'"),
+    "abfs": ("tiers.arrowfs", "ArrowFsTier", "pip install 'asymcheck[s3]'"),
+    "abfss": ("tiers.arrowfs", "ArrowFsTier", "pip install 'asymcheck[s3]'"),
 }
 
 
@@ -41,9 +47,10 @@ def tier_class(scheme: str) -> type[Tier]:
 
 def open_tier(url: str, *, name: str | None = None, capacity_bytes: int | None = None,
               **options: Any) -> Tier:
-    """A tier for ``url`` (``shm://``, ``file://``, ``hdfs://``); options go to its class."""
+    """A tier for ``url`` (``shm://``, ``file://``, ``hdfs://``, ``s3://``, ``gs://``,
+    ``abfs://``); options go to its class."""
     scheme = urlsplit(url).scheme
     if not scheme:
-        raise ValueError(f"tier URL {url!r} has no scheme; known schemes: "
+        raise ValueError(f"tier URL {redact_url(url)!r} has no scheme; known schemes: "
                          f"{', '.join(known_schemes())}")
     return tier_class(scheme.lower())(url, name=name, capacity_bytes=capacity_bytes, **options)

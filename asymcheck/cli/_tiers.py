@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from tiers.base import Tier
+from tiers.base import Tier, redact_url
 from tiers.registry import open_tier
 
 from ..errors import ManifestError, UsageError
@@ -71,7 +71,7 @@ def open_url(url: str, name: str, options: dict[str, Any]) -> Tier:
     try:
         return open_tier(url, name=name, **options)
     except (ValueError, ImportError, TypeError) as e:
-        raise UsageError(f"tier {name} ({url}): {e}") from None
+        raise UsageError(f"tier {name} ({redact_url(url)}): {e}") from None
 
 
 def missing_dir(tier: Tier) -> Path | None:
@@ -95,7 +95,7 @@ class Session:
             self.tiers.append(tier)
             directory = tier.local_dir
             if directory is not None and directory.exists() and not directory.is_dir():
-                raise UsageError(f"tier {s.name} ({s.url}): {directory} is not a directory")
+                raise UsageError(f"tier {s.name} ({tier.url}): {directory} is not a directory")
 
     def shard(self, tier: Tier, rank: int) -> Tier | None:
         """Rank ``rank``'s shards on ``tier``, read as a tier of their own (keys

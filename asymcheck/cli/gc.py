@@ -3,10 +3,11 @@
 Retention is the live checkpointer's (``asymcheck.retention``): on each tier the ``keep``
 newest committed checkpoints stay, and so do the delta bases they need; older ones are deleted
 newest first, each uncommitted (its manifest) before its data goes. Step directories without a
-manifest that are older than the tier's newest commit go too. On a tier in memory, committed
-steps newer than every durable tier's newest commit stay: a running job may still be flushing
-them. A multi-rank checkpoint deleted from shared memory takes its ranks' shards there
-(``shm://NAME-rank<r>``) with it.
+manifest that are older than the tier's newest commit go too; on a tier with a grace period
+(``uncommitted_grace_s``: object stores) only once their data is older than that. On a tier in
+memory, committed steps newer than every durable tier's newest commit stay: a running job may
+still be flushing them. A multi-rank checkpoint deleted from shared memory takes its ranks'
+shards there (``shm://NAME-rank<r>``) with it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ from ..layout import (
     parse_step_dir,
 )
 from ..manifest import Manifest, read_manifest
-from ..retention import delete_step, needed_bases, plan_deletions, plan_uncommitted
+from ..retention import (
+    delete_step,
+    needed_bases,
+    plan_deletions,
+    plan_uncommitted,
+    settled_uncommitted,
+)
 from ._output import EXIT_OK, fmt_bytes
 from ._tiers import Session, missing_dir, run_with_tiers
 
@@ -64,8 +71,9 @@ async def retention_plan(tiers: Sequence[Tier], keeps: dict[str, int]) -> list[D
         needs = await needed_bases(tier, steps[-keep:]) if len(steps) > keep else {}
         plan.extend(Deletion(tier, s, True, f"beyond keep={keep}")
                     for s in plan_deletions(steps, keep, needs=needs, pinned=pinned))
+        uncommitted = plan_uncommitted(listed[tier.name], steps)
         plan.extend(Deletion(tier, s, False, "uncommitted")
-                    for s in plan_uncommitted(listed[tier.name], steps))
+                    for s in await settled_uncommitted(tier, uncommitted, listed[tier.name]))
     return plan
 
 

@@ -51,6 +51,8 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
+from tiers.base import redact_url
+
 from ..checkpointer import Checkpointer
 from ..handle import SaveHandle
 from ..policy import Policy, default_policy
@@ -175,7 +177,8 @@ class AsymCheckCallback(pl.Callback):
         elif self.resume:
             self.restored_step = self.checkpointer.restore_sync()
             if self.restored_step is None:
-                tiers = ", ".join(f"{t.name} ({t.url})" for t in self.checkpointer.policy.tiers)
+                tiers = ", ".join(f"{t.name} ({redact_url(t.url)})"
+                                  for t in self.checkpointer.policy.tiers)
                 self._say(trainer, f"AsymCheck: no committed checkpoint in {tiers}: "
                           "starting fresh")
             else:

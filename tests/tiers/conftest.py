@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from tier_cases import TIER_KINDS, TierFactory, hdfs_base_url
+from tier_cases import TIER_KINDS, TierFactory, hdfs_base_url, s3_url
 
 from tiers import Tier
 
@@ -30,6 +30,8 @@ def tier_url(tier_kind: str, tmp_path: Path, shm_root: Path) -> str:
         return (tmp_path / "tier").as_uri()
     if tier_kind == "hdfs":
         return f"{hdfs_base_url()}/conformance/{unique}"
+    if tier_kind == "s3":
+        return s3_url("conformance", unique)
     raise AssertionError(f"unknown tier kind {tier_kind!r}")
 
 

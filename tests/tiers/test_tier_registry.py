@@ -13,7 +13,7 @@ from tiers.registry import known_schemes
 
 
 def test_known_schemes_lists_every_backend() -> None:
-    assert known_schemes() == ["file", "hdfs", "shm"]
+    assert known_schemes() == ["abfs", "abfss", "file", "gcs", "gs", "hdfs", "s3", "shm"]
 
 
 def test_the_scheme_picks_the_class_and_options_pass_through(tmp_path: Path) -> None:
@@ -25,9 +25,9 @@ def test_the_scheme_picks_the_class_and_options_pass_through(tmp_path: Path) -> 
     assert isinstance(open_tier("FILE:rel/dir"), LocalTier)
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/x", "/plain/path", "ckpt"])
+@pytest.mark.parametrize("url", ["ftp://bucket/x", "/plain/path", "ckpt"])
 def test_an_unknown_or_missing_scheme_lists_the_known_ones(url: str) -> None:
-    with pytest.raises(ValueError, match="file, hdfs, shm"):
+    with pytest.raises(ValueError, match="file, gcs, gs, hdfs, s3, shm"):
         open_tier(url)
 
 
@@ -38,9 +38,9 @@ def test_a_backend_that_cannot_import_names_the_install_command(
         open_tier("hdfs://127.0.0.1:9000/ckpt")
 
 
-def test_importing_tiers_does_not_import_hdfs() -> None:
+def test_importing_tiers_does_not_import_hdfs_or_pyarrow() -> None:
     code = ("import sys, tiers; tiers.open_tier('shm://x'); "
-            "print(sorted(m for m in sys.modules if 'hdfs' in m))")
+            "print(sorted(m for m in sys.modules if 'hdfs' in m or 'pyarrow' in m))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == "[]"

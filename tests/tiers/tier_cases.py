@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -15,7 +16,10 @@ TIER_KINDS = [
     pytest.param("host", id="host"),
     pytest.param("local", id="local"),
     pytest.param("hdfs", id="hdfs", marks=pytest.mark.hdfs),
+    pytest.param("s3", id="s3", marks=pytest.mark.s3),
 ]
+#: Backends where a test gets its own prefix on a shared server and cleans it up itself.
+REMOTE_KINDS = ["hdfs", "s3"]
 #: Backends with a byte budget (capacity_bytes, reserve, used_bytes).
 CAPACITY_KINDS = ["host"]
 #: Backends whose directory on this machine the tests may inspect (tier_dir below).
@@ -29,6 +33,28 @@ def hdfs_base_url() -> str:
     if os.environ.get("CI") == "true":
         pytest.fail("ASYMCHECK_TEST_HDFS is not set: the MiniDFS cluster must be running in CI")
     pytest.skip("ASYMCHECK_TEST_HDFS is not set (start MiniDFS: scripts/minidfs.sh start)")
+
+
+def s3_base_url() -> str:
+    """The S3 test URL (``scripts/seaweedfs.sh start`` prints it, with the credentials as
+    AWS_* variables, which pyarrow reads as it would for any user)."""
+    url = os.environ.get("ASYMCHECK_TEST_S3")
+    if url:
+        pytest.importorskip("pyarrow.fs")
+        return url
+    if os.environ.get("CI") == "true":
+        pytest.fail("ASYMCHECK_TEST_S3 is not set: the SeaweedFS S3 server must be running in CI")
+    pytest.skip("ASYMCHECK_TEST_S3 is not set (start SeaweedFS: scripts/seaweedfs.sh start)")
+
+
+def s3_url(*parts: str, base: str | None = None, **query: Any) -> str:
+    """The S3 test URL with ``parts`` appended to its prefix and ``query`` added to its
+    query string (the URL's own parameters stay)."""
+    split = urlsplit(base or s3_base_url())
+    path = "/".join([split.path.rstrip("/"), *parts])
+    extra = "&".join(f"{k}={v}" for k, v in query.items())
+    q = "&".join(x for x in (split.query, extra) if x)
+    return urlunsplit(split._replace(path=path, query=q))
 
 
 async def hdfs_raw_files(tier: Tier) -> list[str]:
@@ -74,7 +100,7 @@ class TierFactory:
         try:
             if isinstance(last, HostTier):
                 await last.destroy()
-            elif self.kind == "hdfs":
+            elif self.kind in REMOTE_KINDS:
                 await last.delete_prefix("")
         finally:
             await last.close()

@@ -1,0 +1,660 @@
+"""End to end through S3 (a real SeaweedFS server): the GPT-2 example with a host + local + S3
+policy, a server killed or frozen in the middle of a flush, an upload cut off half way, the
+grace period of uncommitted objects, and secrets kept out of every output.
+
+Needs the server: ``scripts/seaweedfs.sh start`` prints ``ASYMCHECK_TEST_S3`` and the
+credentials as ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (pyarrow reads them, as it would
+for any user). Unset: skipped, or failed when ``CI=true``. The fault tests kill, freeze and
+resume that server through ``scripts/seaweedfs.sh`` and leave it running at the same URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import torch
+
+import asymcheck
+from asymcheck import cli
+from asymcheck.commit import _drop_uncommitted
+from asymcheck.layout import manifest_key, step_dir
+from asymcheck.manifest import committed_steps
+from asymcheck.policy import TierPolicy
+from tests._util import assert_same, make_training, snapshot, train_steps
+from tests.tiers.tier_cases import s3_base_url, s3_url
+
+pytest.importorskip("pyarrow.fs")
+
+import tiers.arrowfs as arrowfs
+from tiers.arrowfs import ArrowFsTier
+from tiers.base import Payload, TierError
+from tiers.registry import open_tier
+
+pytestmark = pytest.mark.s3
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "train_gpt2.py"
+SEAWEEDFS = REPO / "scripts" / "seaweedfs.sh"
+
+#: The S3 tier's per-call deadline in the kill test (policy ``options``).
+FAULT_TIMEOUT_S = 8.0
+#: Client options of the fault tests: one attempt, quick connects; ``request_timeout`` longer
+#: than a freeze lasts, so a request in flight across a freeze is answered after the thaw.
+CLIENT_OPTIONS = "retries = 1, connect_timeout = 1, request_timeout = 30"
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _delete_all(url: str) -> None:
+    async with open_tier(url) as tier:
+        await tier.delete_prefix("")
+
+
+async def _keys(url: str) -> list[str]:
+    async with open_tier(url) as tier:
+        return await tier.list()
+
+
+async def _get(url: str, key: str) -> bytes:
+    async with open_tier(url) as tier:
+        return await tier.get(key)
+
+
+async def _committed(url: str) -> list[int]:
+    async with open_tier(url) as tier:
+        return await committed_steps(tier)
+
+
+@pytest.fixture
+def s3_prefix() -> Iterator[str]:
+    """A fresh prefix on the test server, removed afterwards."""
+    url = s3_url(f"e2e-{uuid.uuid4().hex[:12]}", base=s3_base_url())
+    yield url
+    with contextlib.suppress(Exception):
+        _run(_delete_all(url))
+
+
+def _toml_url(url: str) -> str:
+    return url.replace("\\", "\\\\").replace('"', '\\"')
+
+
+# -------------------------------------------------------------- the GPT-2 example
+
+
+def _load_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("asymcheck_example_train_gpt2_s3", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+EXAMPLE_ARGS = {"steps": 6, "every": 1, "layers": 2, "width": 128, "vocab": 2048,
+                "seq_len": 64, "batch": 8, "seed": 1234}
+
+
+def _replay(example: ModuleType, last: int) -> tuple[dict[str, Any], torch.Tensor,
+                                                      dict[int, str]]:
+    """The example's training loop without checkpoints up to step ``last``: the state after
+    that step, the torch RNG state, and the losses."""
+    args = argparse.Namespace(**EXAMPLE_ARGS)
+    model, optimizer, scheduler = example.build(args)
+    losses = {}
+    for step in range(last + 1):
+        batch = example.batch_for(step, args)
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        losses[step] = loss.item().hex()
+    return snapshot(model, optimizer, scheduler), torch.get_rng_state(), losses
+
+
+def test_gpt2_example_restores_from_s3_alone(tmp_path: Path, shm_root: Path,
+                                             s3_prefix: str) -> None:
+    host_name = f"e2e-{uuid.uuid4().hex[:12]}"
+    local = tmp_path / "local"
+    policy_file = tmp_path / "tiers.toml"
+    policy_file.write_text(f"""\
+[[tier]]
+name = "host"
+url = "shm://{host_name}"
+capacity = "256MiB"
+keep = 2
+
+[[tier]]
+name = "local"
+url = "{local.as_uri()}"
+keep = 3
+
+[[tier]]
+name = "s3"
+url = "{_toml_url(s3_prefix)}"
+keep = 3
+every = 2
+options = {{ timeout_s = 30 }}
+""")
+    log = tmp_path / "losses.jsonl"
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in EXAMPLE_ARGS.items()]
+    out = subprocess.run([sys.executable, str(EXAMPLE), *argv, "--policy", str(policy_file),
+                          "--log", str(log)], capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stdout + out.stderr
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    assert not secret or secret not in out.stdout + out.stderr
+
+    # Steps 0..5 were saved; every second save went to S3: steps 0, 2 and 4.
+    assert _run(_committed(s3_prefix)) == [0, 2, 4]
+    assert (local / step_dir(5) / "manifest.msgpack").is_file()
+    host_dir = shm_root / host_name
+    assert (host_dir / step_dir(5) / "manifest.msgpack").is_file()
+
+    example = _load_example()
+    expected, rng, losses = _replay(example, 4)
+    logged = example.read_losses(log)
+    assert {s: logged[s] for s in losses} == losses, "the replay diverged from the example"
+
+    # Lose the host copy and the local disk: only S3 is left.
+    shutil.rmtree(host_dir)
+    shutil.rmtree(local)
+    args = argparse.Namespace(**EXAMPLE_ARGS)
+    model, optimizer, scheduler = example.build(args)
+    torch.manual_seed(99)  # the restore must bring the RNG back, not the seed of build()
+    with asymcheck.Checkpointer(model, optimizer, policy=policy_file,
+                                extras={"scheduler": scheduler}) as ckpt:
+        loaded = ckpt.load_sync()
+        assert loaded is not None and loaded.step == 4
+        assert loaded.sources == {"s3": len(loaded.manifest.tensors)}
+        assert ckpt.restore_sync() == 4
+    assert_same(expected, snapshot(model, optimizer, scheduler))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+# ------------------------------------------------------- the server killed or frozen
+
+
+def _seaweedfs(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(SEAWEEDFS), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _endpoint(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + parts.path.strip("/").split("/")[0]))
+
+
+def _server_running(url: str) -> bool:
+    out = _seaweedfs("status", timeout=30)
+    lines = [ln.partition("=")[2] for ln in out.stdout.split()
+             if ln.startswith("ASYMCHECK_TEST_S3=")]
+    return out.returncode == 0 and bool(lines) and _endpoint(lines[0]) == _endpoint(url)
+
+
+@pytest.fixture
+def seaweedfs(s3_prefix: str) -> Iterator[str]:
+    """The server of ``scripts/seaweedfs.sh`` (the one these tests may kill or freeze);
+    afterwards it runs again at the same URL, its data kept (resume), else fresh."""
+    if not _server_running(s3_prefix):
+        msg = ("ASYMCHECK_TEST_S3 is not the server of scripts/seaweedfs.sh (the fault tests "
+               "kill, freeze and resume that one)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    try:
+        yield s3_prefix
+    finally:
+        _seaweedfs("thaw", timeout=30)  # in case a test stopped between freeze and thaw
+        if not _server_running(s3_prefix):
+            resumed = _seaweedfs("resume")
+            if resumed.returncode != 0:
+                started = _seaweedfs("start")
+                assert started.returncode == 0, (
+                    f"could not bring SeaweedFS back:\n{resumed.stderr}\n{started.stderr}")
+        assert _server_running(s3_prefix)
+
+
+class _FaultDuringFlush:
+    """Wraps ``ArrowFsTier.put``: reports when the data of ``step`` starts to flow, and holds
+    its commit (the manifest) until the fault was injected, so the fault lands mid-flush."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.data_started = threading.Event()
+        self.injected = threading.Event()
+        self.data_puts = {"ok": 0, "failed": 0}
+        self.manifest_put = "not tried"
+        self._put = ArrowFsTier.put
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        async def put(tier: ArrowFsTier, key: str, data: Payload) -> None:
+            await self.put(tier, key, data)
+        monkeypatch.setattr(ArrowFsTier, "put", put)
+
+    async def put(self, tier: ArrowFsTier, key: str, data: Payload) -> None:
+        if not key.startswith(step_dir(self.step) + "/"):
+            return await self._put(tier, key, data)
+        if key == manifest_key(self.step):
+            await asyncio.to_thread(self.injected.wait, 60)
+            try:
+                await self._put(tier, key, data)
+            except BaseException:
+                self.manifest_put = "failed"
+                raise
+            self.manifest_put = "ok"
+            return
+        self.data_started.set()
+        try:
+            await self._put(tier, key, data)
+        except BaseException:
+            self.data_puts["failed"] += 1
+            raise
+        self.data_puts["ok"] += 1
+
+    def inject(self, command: str) -> float:
+        """Wait for the flush, run ``scripts/seaweedfs.sh command``; when it was started."""
+        try:
+            assert self.data_started.wait(60), f"the flush of step {self.step} never started"
+            t0 = time.monotonic()
+            out = _seaweedfs(command, timeout=30)
+            assert out.returncode == 0, out.stderr
+        finally:
+            self.injected.set()  # never leave the commit waiting
+        return t0
+
+
+def _policy_file(tmp_path: Path, s3: str, timeout_s: float) -> Path:
+    path = tmp_path / "tiers.toml"
+    path.write_text(f"""\
+[[tier]]
+name = "host"
+url = "shm://fault-{uuid.uuid4().hex[:12]}"
+capacity = "1GiB"
+keep = 2
+
+[[tier]]
+name = "local"
+url = "{(tmp_path / 'local').as_uri()}"
+keep = 5
+
+[[tier]]
+name = "s3"
+url = "{_toml_url(s3)}"
+keep = 5
+batch = "8MiB"
+options = {{ timeout_s = {timeout_s:g}, {CLIENT_OPTIONS} }}
+""")
+    return path
+
+
+def _commit_again_then_close(ckpt: asymcheck.Checkpointer, model: torch.nn.Module,
+                             opt: torch.optim.Optimizer, sched: Any, *, step: int,
+                             failures: int) -> dict[str, Any]:
+    """After a fault: the same Checkpointer commits ``step`` on both tiers, and closing it
+    reports the earlier S3 failures once. Returns the state saved at ``step``."""
+    train_steps(model, opt, sched, 1)
+    expected = snapshot(model, opt, sched)
+    handle = ckpt.save_sync(step)
+    handle.durable("s3").wait(60)
+    handle.durable("local").wait(60)
+    with pytest.raises(asymcheck.CheckpointError, match=f"{failures} checkpoint operation"):
+        ckpt.close_sync()
+    return expected
+
+
+def _restore_from_s3_alone(s3: str, step: int, expected: dict[str, Any], seed: int) -> None:
+    """A new job whose only durable tier is S3 restores ``step``, every tensor from S3,
+    bit-exactly."""
+    only_s3 = asymcheck.Policy(tiers=(
+        TierPolicy(name="host", url=f"shm://s3-alone-{uuid.uuid4().hex[:12]}"),
+        TierPolicy(name="s3", url=s3, options={"timeout_s": FAULT_TIMEOUT_S})))
+    model, opt, sched = make_training(seed=seed, width=1536)
+    with asymcheck.Checkpointer(model, opt, policy=only_s3, extras={"sched": sched}) as ckpt:
+        loaded = ckpt.load_sync()
+        assert loaded is not None and loaded.step == step
+        assert loaded.sources == {"s3": len(loaded.manifest.tensors)}
+        assert ckpt.restore_sync() == step
+    assert_same(expected, snapshot(model, opt, sched))
+
+
+def _wait_committed(url: str, want: list[int], within_s: float = 15.0) -> list[int]:
+    """The committed steps once they are ``want`` (a put given up during a fault is deleted
+    when it completes late), or what they are after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        steps = _run(_committed(url))
+        if steps == want or time.monotonic() > deadline:
+            return steps
+        time.sleep(0.25)
+
+
+class _CutOffUpload:
+    """A multipart upload (48 MiB in 16 MiB writes) over an existing object, in a thread of
+    its own: its first part goes out, then it waits (``go_on``) while the server dies, and the
+    rest fails. The key must keep its old value: the upload is never completed."""
+
+    OLD = b"the old value"
+
+    def __init__(self, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.url = url
+        self.first_part = threading.Event()
+        self.go_on = threading.Event()
+        self.error: BaseException | None = None
+        data = os.urandom(48 << 20)
+        self.parts = [memoryview(data)[i:i + (16 << 20)] for i in range(0, len(data), 16 << 20)]
+        write_object = arrowfs._write_object
+
+        def paced(late: Any, fs: Any, path: str, parts: Sequence[memoryview]) -> None:
+            if not path.endswith("/cut-off.bin") or len(parts) != 3:
+                return write_object(late, fs, path, parts)
+
+            def pieces() -> Iterator[memoryview]:
+                yield parts[0]
+                self.first_part.set()
+                self.go_on.wait(60)
+                yield from parts[1:]
+            return write_object(late, fs, path, pieces())  # type: ignore[arg-type]
+
+        monkeypatch.setattr(arrowfs, "_write_object", paced)
+        self.thread = threading.Thread(target=asyncio.run, args=(self._put(),), daemon=True)
+
+    async def _put(self) -> None:
+        async with open_tier(self.url, timeout_s=30, retries=1, connect_timeout=1) as tier:
+            await tier.put("cut-off.bin", self.OLD)
+            try:
+                await tier.put("cut-off.bin", self.parts)
+            except BaseException as exc:
+                self.error = exc
+
+    def start(self) -> None:
+        self.thread.start()
+        assert self.first_part.wait(60), "the upload never started"
+
+    def finish(self) -> None:
+        self.go_on.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+
+
+def test_server_killed_during_a_flush(tmp_path: Path, seaweedfs: str,
+                                      monkeypatch: pytest.MonkeyPatch,
+                                      record_property: Any) -> None:
+    s3 = seaweedfs
+    policy_file = _policy_file(tmp_path, s3, FAULT_TIMEOUT_S)
+    model, opt, sched = make_training(seed=5, width=1536)  # ~57 MB of state
+    ckpt = asymcheck.Checkpointer(model, opt, policy=policy_file, extras={"sched": sched})
+    closed = False
+    try:
+        train_steps(model, opt, sched, 1)
+        ckpt.save_sync(1).durable("s3").wait(60)
+
+        # Step 2: SIGKILL the server once its data is on the way, and while a multipart
+        # upload of another object is half done.
+        fault = _FaultDuringFlush(2)
+        with monkeypatch.context() as patch:
+            cut = _CutOffUpload(s3, patch)
+            cut.start()
+            fault.install(patch)
+            train_steps(model, opt, sched, 1)
+            h2 = ckpt.save_sync(2)
+            t_kill = fault.inject("kill")
+            cut.finish()
+            with pytest.raises(TierError) as info:
+                h2.durable("s3").wait(FAULT_TIMEOUT_S + 20)
+            detect_s = time.monotonic() - t_kill
+        h2.durable("local").wait(60)
+        assert isinstance(cut.error, TierError), cut.error
+        assert detect_s < FAULT_TIMEOUT_S + 5, f"the failure took {detect_s:.1f} s to surface"
+        assert "\n" not in str(info.value) and "s3 (" in str(info.value)
+
+        # Training and the local tier go on while S3 is down; S3 saves fail fast.
+        down_s = []
+        for step in (3, 4):
+            train_steps(model, opt, sched, 1)
+            t0 = time.monotonic()
+            h = ckpt.save_sync(step)
+            with pytest.raises(TierError, match="cannot connect"):
+                h.durable("s3").wait(FAULT_TIMEOUT_S + 20)
+            down_s.append(time.monotonic() - t0)
+            h.durable("local").wait(60)
+        assert (tmp_path / "local" / step_dir(4) / "manifest.msgpack").is_file()
+
+        # The server comes back with its data: the failed steps were never committed.
+        t0 = time.monotonic()
+        resumed = _seaweedfs("resume")
+        assert resumed.returncode == 0, resumed.stderr
+        resume_s = time.monotonic() - t0
+        assert _wait_committed(s3, [1]) == [1]
+        keys = _run(_keys(s3))
+        assert not [k for k in keys if k.startswith((step_dir(3), step_dir(4)))]
+        cut_off = _run(_get(s3, "cut-off.bin"))
+        assert cut_off == cut.OLD, f"{len(cut_off)} bytes at cut-off.bin: a partial upload"
+        leftovers = [k for k in keys if k.startswith(step_dir(2) + "/")]
+        assert manifest_key(2) not in leftovers  # data without a manifest: invisible
+
+        # The same Checkpointer (and its S3 client) commits the next save there.
+        closed = True
+        expected = _commit_again_then_close(ckpt, model, opt, sched, step=5, failures=3)
+    finally:
+        if not closed:
+            with contextlib.suppress(asymcheck.CheckpointError):
+                ckpt.close_sync()
+
+    _restore_from_s3_alone(s3, 5, expected, seed=6)
+    assert _run(_committed(s3)) == [1, 5]
+
+    summary = (f"S3 server SIGKILL mid-flush: durable failed {detect_s:.2f} s after the kill "
+               f"({info.value}); step-2 data puts ok/failed {fault.data_puts['ok']}/"
+               f"{fault.data_puts['failed']}, manifest put {fault.manifest_put}; saves while "
+               f"down failed {', '.join(f'{s:.3f}' for s in down_s)} s after save_sync; "
+               f"resume took {resume_s:.1f} s; step-2 leftovers: {len(leftovers)} key(s); "
+               f"a multipart upload cut off by the kill failed ({cut.error}) and the key "
+               f"kept its old value")
+    record_property("fault_summary", summary)
+    print(summary)
+
+
+def test_frozen_server_fails_within_timeout(tmp_path: Path, seaweedfs: str,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            record_property: Any) -> None:
+    """A server that stops answering (SIGSTOP) mid-flush: the S3 awaitable fails about
+    ``timeout_s`` later, the local tier is unaffected, no manifest of that step stays
+    visible, and after the thaw the same Checkpointer commits the next save there."""
+    s3 = seaweedfs
+    timeout_s = 4.0
+    policy_file = _policy_file(tmp_path, s3, timeout_s)
+    model, opt, sched = make_training(seed=7, width=1536)
+    ckpt = asymcheck.Checkpointer(model, opt, policy=policy_file, extras={"sched": sched})
+    closed = False
+    try:
+        train_steps(model, opt, sched, 1)
+        ckpt.save_sync(1).durable("s3").wait(60)
+        fault = _FaultDuringFlush(2)
+        try:
+            with monkeypatch.context() as patch:
+                fault.install(patch)
+                train_steps(model, opt, sched, 1)
+                h2 = ckpt.save_sync(2)
+                t_freeze = fault.inject("freeze")
+                with pytest.raises(TierError, match=r"no answer within") as info:
+                    h2.durable("s3").wait(timeout_s + 20)
+                detect_s = time.monotonic() - t_freeze
+            h2.durable("local").wait(60)
+        finally:
+            thawed = _seaweedfs("thaw", timeout=30)
+        assert thawed.returncode == 0, thawed.stderr
+        # a put of at most one 8 MiB batch: timeout_s + 8 MiB / min_put_bps (16 MB/s)
+        assert detect_s < timeout_s + 0.6 + 3, f"the failure took {detect_s:.1f} s to surface"
+
+        closed = True
+        expected = _commit_again_then_close(ckpt, model, opt, sched, step=3, failures=1)
+    finally:
+        if not closed:
+            with contextlib.suppress(asymcheck.CheckpointError):
+                ckpt.close_sync()
+
+    assert _wait_committed(s3, [1, 3]) == [1, 3]
+    _restore_from_s3_alone(s3, 3, expected, seed=8)
+
+    summary = (f"S3 server frozen (SIGSTOP) mid-flush, timeout_s={timeout_s:g}: durable "
+               f"failed {detect_s:.2f} s after the freeze ({info.value}); step-2 data puts "
+               f"ok/failed {fault.data_puts['ok']}/{fault.data_puts['failed']}, manifest put "
+               f"{fault.manifest_put}")
+    record_property("frozen_summary", summary)
+    print(summary)
+
+
+# ------------------------------------------------ uncommitted data and its grace period
+
+
+def _write_policy(path: Path, s3: str, **options: Any) -> Path:
+    opts = ", ".join(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"'
+                     for k, v in options.items())
+    path.write_text(f"""\
+[[tier]]
+name = "host"
+url = "shm://grace-{uuid.uuid4().hex[:12]}"
+keep = 2
+
+[[tier]]
+name = "s3"
+url = "{_toml_url(s3)}"
+keep = 5
+options = {{ {opts} }}
+""")
+    return path
+
+
+def test_uncommitted_objects_go_only_after_the_grace_period(
+        tmp_path: Path, s3_prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    grace_s = 2.0
+    policy_file = _write_policy(tmp_path / "tiers.toml", s3_prefix, timeout_s=20,
+                                uncommitted_grace_s=grace_s)
+    model, opt, sched = make_training(seed=3)
+    with asymcheck.Checkpointer(model, opt, policy=policy_file,
+                                extras={"sched": sched}) as ckpt:
+        train_steps(model, opt, sched, 1)
+        ckpt.save_sync(5).wait_all_sync(60)
+
+    async def plant(*steps: int) -> None:
+        async with open_tier(s3_prefix) as tier:
+            for s in steps:
+                await tier.put(f"{step_dir(s)}/data-dead{s}.bin", b"x" * 100)
+
+    def steps_on_s3() -> set[int]:
+        return {int(k.split("/")[0][5:]) for k in _run(_keys(s3_prefix))}
+
+    _run(plant(3))  # a crashed save older than the grace period (once we slept) ...
+    time.sleep(grace_s + 0.5)
+    _run(plant(4, 7))  # ... and two young ones (7 is newer than the newest commit)
+
+    code = cli.main(["gc", "--policy", str(policy_file)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "removed s3 step 3 (uncommitted)" in out
+    assert "step 4" not in out and "step 7" not in out
+    assert steps_on_s3() == {4, 5, 7}
+
+    # Start-up removes what a crash left, once older than the grace period.
+    async def start_up() -> None:
+        async with open_tier(s3_prefix, uncommitted_grace_s=grace_s) as tier:
+            await _drop_uncommitted(tier)
+    _run(start_up())
+    assert steps_on_s3() == {4, 5, 7}, "young uncommitted data went at start-up"
+    time.sleep(grace_s + 0.5)
+    with asymcheck.Checkpointer(model, opt, policy=policy_file,
+                                extras={"sched": sched}) as ckpt:
+        loaded = ckpt.load_sync()  # opening the pipeline drops uncommitted steps
+        assert loaded is not None and loaded.step == 5
+    assert steps_on_s3() == {5}
+    assert _run(_committed(s3_prefix)) == [5]
+
+
+async def test_tiers_without_a_grace_period_drop_uncommitted_steps_at_once(
+        tmp_path: Path) -> None:
+    """The local tier (grace 0) behaves as before: no mtime is read, every step goes."""
+    from asymcheck.retention import settled_uncommitted
+
+    tier = open_tier(tmp_path.as_uri())
+    assert tier.uncommitted_grace_s == 0
+    await tier.put(f"{step_dir(3)}/data-x.bin", b"x")
+    assert await settled_uncommitted(tier, [3, 9], {3: [f"{step_dir(3)}/data-x.bin"]}) == [3, 9]
+    await _drop_uncommitted(tier)
+    assert await tier.list() == []
+    await tier.close()
+
+
+# ------------------------------------------------------------- secrets stay secret
+
+
+def _with_userinfo(url: str, access: str, secret: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{access}:{secret}@{parts.netloc}"))
+
+
+def test_secrets_never_appear_in_ls_logs_or_errors(
+        tmp_path: Path, s3_prefix: str, capfd: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    access = os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not access or not secret:
+        pytest.skip("the S3 credentials come from elsewhere than AWS_* variables")
+    caplog.set_level(logging.DEBUG)
+
+    # Credentials in the URL (the user info): the saves work, and nothing shows them.
+    good = _write_policy(tmp_path / "good.toml", _with_userinfo(s3_prefix, access, secret),
+                         timeout_s=20)
+    model, opt, sched = make_training(seed=4)
+    with asymcheck.Checkpointer(model, opt, policy=good, extras={"sched": sched}) as ckpt:
+        train_steps(model, opt, sched, 1)
+        ckpt.save_sync(1).wait_all_sync(60)
+    assert cli.main(["ls", "--policy", str(good)]) == 0
+    assert cli.main(["ls", "--json", "--policy", str(good)]) == 0
+    assert cli.main(["inspect", "--policy", str(good), "--tier", "s3", "latest"]) == 0
+    out, err = capfd.readouterr()
+    assert "s3://***:***@" in out and "committed" in out
+    for text in (out, err):
+        assert secret not in text and access not in text
+
+    # A wrong secret key, in the options: one-line errors naming the tier, nothing secret.
+    wrong = "Wr0ng-Secret-Key-For-The-Test"
+    bad = _write_policy(tmp_path / "bad.toml", s3_prefix, timeout_s=20, retries=1,
+                        access_key=access, secret_key=wrong)
+    assert cli.main(["ls", "--policy", str(bad)]) == 2
+    out, err = capfd.readouterr()
+    assert "access denied" in out + err and "s3" in err
+    model, opt, sched = make_training(seed=4)
+    ckpt = asymcheck.Checkpointer(model, opt, policy=bad, extras={"sched": sched})
+    try:
+        train_steps(model, opt, sched, 1)
+        handle = ckpt.save_sync(2)
+        with pytest.raises(TierError) as failed:
+            handle.durable("s3").wait(60)
+    finally:
+        with pytest.raises(asymcheck.CheckpointError) as info:
+            ckpt.close_sync()
+    out, err = capfd.readouterr()
+    texts = [out, err, str(info.value), str(failed.value), repr(failed.value), caplog.text]
+    texts += [r.getMessage() + (r.exc_text or "") for r in caplog.records]
+    assert "access denied" in str(failed.value)
+    for text in texts:
+        assert wrong not in text and secret not in text, text
