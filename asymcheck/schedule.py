@@ -118,7 +118,9 @@ class FlushScheduler:
 
     @property
     def pending(self) -> int:
-        return sum(q.qsize() for q in self._queues.values()) + sum(self._busy.values())
+        """Flushes queued or running, and cleanups of failed ones still running."""
+        return (sum(q.qsize() for q in self._queues.values()) + sum(self._busy.values())
+                + len(self._cleanups))
 
     @property
     def depth(self) -> int:

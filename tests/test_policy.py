@@ -69,7 +69,7 @@ def test_sizes_parse(value: object, expected: int) -> None:
 @pytest.mark.parametrize(("patch", "key", "words"), [
     (("keep = 3", "keep = 3\ncolour = 1"), "tier[1].colour", "unknown key"),
     (('capacity = "8GiB"', 'capacity = "8 gigs"'), "tier[0].capacity", "size"),
-    (('"hdfs://127.0.0.1:9000/ckpt"', '"s3://bucket/ckpt"'), "tier[2].url", "unknown scheme"),
+    (('"hdfs://127.0.0.1:9000/ckpt"', '"ftp://host/ckpt"'), "tier[2].url", "unknown scheme"),
     (("keep = 3", "keep = 0"), "tier[1].keep", ">= 1"),
     (("every = 10", "every = -2"), "tier[2].every", ">= 1"),
     (('mode = "auto"', 'mode = "fast"'), "compression.mode", "off, auto or always"),
