@@ -12,15 +12,14 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import kill_resume
 import torch
 import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -138,58 +137,29 @@ def train(args: argparse.Namespace, build: Callable[[argparse.Namespace], torch.
     return 0
 
 
-def read_losses(path: Path) -> dict[int, str]:
-    losses: dict[int, str] = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        losses[rec["step"]] = rec["loss"]  # a re-run step overwrites the lost one
-    return losses
-
-
 def demo(args: argparse.Namespace, script: str) -> int:
     """Uninterrupted run vs. a run killed with SIGKILL and started again with the same
     command: the losses must match bit for bit."""
-    work = Path(tempfile.mkdtemp(prefix="asymcheck-hf-demo-"))
     launch = [sys.executable]
     if args.nproc > 1:
         launch += ["-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={args.nproc}"]
-    common = [*launch, script, "--steps", str(args.steps), "--every", str(args.every),
-              "--grad-accum", str(args.grad_accum), "--batch", str(args.batch),
-              "--mode", args.mode, "--seed", str(args.seed)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        print(f"== uninterrupted run of {args.steps} steps", flush=True)
-        subprocess.run([*common, "--dir", str(work / "ref"), "--loss-log", str(work / "ref.jsonl")],
-                       check=True, env=env)
-        crash_at = args.crash_at if args.crash_at >= 0 else args.steps // 2 + 1
-        print(f"== run killed with SIGKILL after step {crash_at}", flush=True)
-        run = [*common, "--dir", str(work / "run"), "--loss-log", str(work / "run.jsonl")]
-        crashed = subprocess.run([*run, "--crash-at", str(crash_at)], env=env)
-        if crashed.returncode == 0:
-            print("expected the run to be killed, it exited normally")
-            return 1
-        print("== the same command again", flush=True)
-        subprocess.run(run, check=True, env=env)
-        if args.nproc > 1:  # the replicated model is written by rank 0 alone
-            shown = subprocess.run([sys.executable, "-m", "asymcheck.cli", "inspect", "latest",
-                                    "--tier", (work / "run").as_uri(), "--json"],
-                                   capture_output=True, text=True, check=True, env=env)
-            sections = [r["sections"] for r in json.loads(shown.stdout)["info"]["ranks"]]
-            print("model bytes per rank in the newest checkpoint: "
-                  + ", ".join(str(s.get("model", 0)) for s in sections), flush=True)
-        ref, got = read_losses(work / "ref.jsonl"), read_losses(work / "run.jsonl")
-        same = ref == got and len(ref) == args.steps
-        print(f"== {len(ref)} steps compared: losses of the resumed run "
-              f"{'EQUAL' if same else 'DIFFER FROM'} the uninterrupted run's (bit for bit)")
-        return 0 if same else 1
-    finally:
-        for d in ("ref", "run"):
-            name = asymcheck.default_policy(work / d).staging.url.removeprefix("shm://")
-            root = Path(os.environ.get("ASYMCHECK_SHM_ROOT", "/dev/shm"))
-            for shm in root.glob(f"{name}*"):  # with several ranks, NAME-rank<r> too
-                shutil.rmtree(shm, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+    command = [*launch, script, "--steps", str(args.steps), "--every", str(args.every),
+               "--grad-accum", str(args.grad_accum), "--batch", str(args.batch),
+               "--mode", args.mode, "--seed", str(args.seed)]
+    return kill_resume.demo(command, steps=args.steps, crash_at=args.crash_at,
+                            log_flag="--loss-log", env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            inspect=model_bytes_per_rank if args.nproc > 1 else None)
+
+
+def model_bytes_per_rank(directory: Path) -> None:
+    """The replicated model is written by rank 0 alone: show each rank's model bytes."""
+    shown = subprocess.run([sys.executable, "-m", "asymcheck.cli", "inspect", "latest",
+                            "--tier", directory.as_uri(), "--json"],
+                           capture_output=True, text=True, check=True)
+    sections = [r["sections"] for r in json.loads(shown.stdout)["info"]["ranks"]]
+    print("model bytes per rank in the newest checkpoint: "
+          + ", ".join(str(s.get("model", 0)) for s in sections), flush=True)
 
 
 def main(doc: str, script: str, build: Callable[[argparse.Namespace], torch.nn.Module], *,

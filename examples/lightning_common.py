@@ -13,16 +13,13 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+import kill_resume
 import lightning.pytorch as pl
 import torch
 import transformers
@@ -91,42 +88,10 @@ def train(args: argparse.Namespace, build: Callable[[argparse.Namespace], torch.
     return 0
 
 
-def read_losses(path: Path) -> dict[int, str]:
-    losses: dict[int, str] = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        losses[rec["step"]] = rec["loss"]  # a re-run step overwrites the lost one
-    return losses
-
-
 def demo(args: argparse.Namespace, script: str) -> int:
     """Uninterrupted run vs. a run killed with SIGKILL and resumed: losses must match."""
-    work = Path(tempfile.mkdtemp(prefix="asymcheck-lightning-"))
-    common = [sys.executable, script, "--steps", str(args.steps), "--every", str(args.every)]
-    try:
-        print(f"== uninterrupted run of {args.steps} steps", flush=True)
-        subprocess.run([*common, "--dir", str(work / "ref"), "--log", str(work / "ref.jsonl")],
-                       check=True)
-        crash_at = args.crash_at if args.crash_at >= 0 else args.steps // 2 + 1
-        print(f"== run killed with SIGKILL after step {crash_at}", flush=True)
-        run = [*common, "--dir", str(work / "run"), "--log", str(work / "run.jsonl")]
-        crashed = subprocess.run([*run, "--crash-at", str(crash_at)])
-        if crashed.returncode != -signal.SIGKILL:
-            print(f"expected the run to die of SIGKILL, got exit code {crashed.returncode}")
-            return 1
-        print("== the same command again: resumes", flush=True)
-        subprocess.run(run, check=True)
-        ref, resumed = read_losses(work / "ref.jsonl"), read_losses(work / "run.jsonl")
-        same = ref == resumed
-        print(f"== {len(ref)} steps compared: losses of the resumed run "
-              f"{'EQUAL' if same else 'DIFFER FROM'} the uninterrupted run's (bit for bit)")
-        return 0 if same else 1
-    finally:
-        for d in ("ref", "run"):
-            name = asymcheck.default_policy(work / d).staging.url.removeprefix("shm://")
-            shutil.rmtree(Path(os.environ.get("ASYMCHECK_SHM_ROOT", "/dev/shm")) / name,
-                          ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+    command = [sys.executable, script, "--steps", str(args.steps), "--every", str(args.every)]
+    return kill_resume.demo(command, steps=args.steps, crash_at=args.crash_at, log_flag="--log")
 
 
 def main(doc: str, build: Callable[[argparse.Namespace], torch.nn.Module], script: str,

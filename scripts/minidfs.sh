@@ -40,26 +40,15 @@ LOG="$STATE/minidfs.log"
 CONF="$STATE/conf/minidfs-site.xml"
 MAIN=org.apache.hadoop.test.MiniDFSClusterManager
 
-say() { echo "minidfs: $*" >&2; }
-die() { say "$*"; exit 1; }
+SERVICE=minidfs
+# shellcheck source=scripts/_service.sh
+source "$ROOT/scripts/_service.sh"
 
 # Whether process $1 is alive and is our cluster (a dead, unreaped one has an empty cmdline).
-is_cluster() {
+service_alive() {
   kill -0 "$1" 2>/dev/null || return 1
   tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q "$MAIN"
 }
-
-# The pid from the pid file, only if that process is still our cluster (pids get reused).
-running_pid() {
-  [[ -f "$PIDFILE" ]] || return 1
-  local pid
-  pid="$(cat "$PIDFILE" 2>/dev/null)" || return 1
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  is_cluster "$pid" || return 1
-  echo "$pid"
-}
-
-port_busy() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 
 # Ready: WebHDFS answers, a DataNode is live, and the NameNode is out of safe mode (after a
 # resume it stays read-only until the DataNode has reported its blocks).
@@ -72,13 +61,6 @@ webhdfs_ready() {
   curl -fsS --max-time 5 \
     "http://$HOST:$HTTP_PORT/jmx?qry=Hadoop:service=NameNode,name=NameNodeInfo" 2>/dev/null \
     | grep -Eq '"Safemode" *: *""'
-}
-
-log_tail() {
-  if [[ -f "$LOG" ]]; then
-    say "last lines of $LOG:"
-    grep -v '^\s*$' "$LOG" | tail -n 40 >&2 || true
-  fi
 }
 
 ensure_jars() {
@@ -172,55 +154,6 @@ start() {
   echo "ASYMCHECK_TEST_HDFS=hdfs://$HOST:$NN_PORT"
 }
 
-stop() {
-  local pid
-  if ! pid="$(running_pid)"; then
-    rm -f "$PIDFILE"
-    say "not running"
-    return 0
-  fi
-  kill -CONT "$pid" 2>/dev/null || true  # a frozen cluster cannot handle SIGTERM
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 60); do
-    is_cluster "$pid" || break
-    sleep 0.5
-  done
-  if is_cluster "$pid"; then
-    say "still alive after 30 s; sending SIGKILL to $pid"
-    kill -KILL "$pid" 2>/dev/null || true
-    sleep 0.5
-  fi
-  rm -f "$PIDFILE"
-  say "stopped (pid $pid)"
-}
-
-# A crash: SIGKILL, no shutdown hooks, the NameNode's in-memory state is lost (its edit log,
-# synced on every change, is what a resume replays).
-kill_now() {
-  local pid
-  if ! pid="$(running_pid)"; then
-    rm -f "$PIDFILE"
-    say "not running"
-    return 0
-  fi
-  kill -KILL "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do
-    is_cluster "$pid" || break
-    sleep 0.05
-  done
-  is_cluster "$pid" && die "process $pid survived SIGKILL"
-  rm -f "$PIDFILE"
-  say "killed (pid $pid)"
-}
-
-# freeze|thaw: SIGSTOP/SIGCONT, a cluster that hangs: connections open, no answers.
-signal_cluster() {
-  local pid
-  pid="$(running_pid)" || die "not running"
-  kill "-$1" "$pid"
-  say "sent SIG$1 to $pid"
-}
-
 status() {
   local pid
   if pid="$(running_pid)"; then
@@ -241,8 +174,8 @@ case "${1:-}" in
   resume) start resume ;;
   stop) stop ;;
   kill) kill_now ;;
-  freeze) signal_cluster STOP ;;
-  thaw) signal_cluster CONT ;;
+  freeze) signal_service STOP ;;
+  thaw) signal_service CONT ;;
   status) status ;;
   restart) stop; start ;;
   *) echo "usage: $0 start|stop|status|kill|resume|freeze|thaw|restart" >&2; exit 2 ;;

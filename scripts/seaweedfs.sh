@@ -54,24 +54,14 @@ DATA="$STATE/data"
 ACCESS_KEY=asymcheck-test-access
 SECRET_KEY=asymcheck-test-secret-5b1f9c
 
-say() { echo "seaweedfs: $*" >&2; }
-die() { say "$*"; exit 1; }
+SERVICE=seaweedfs
+# shellcheck source=scripts/_service.sh
+source "$ROOT/scripts/_service.sh"
 
-is_server() {
+service_alive() {
   kill -0 "$1" 2>/dev/null || return 1
   tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q "weed.* server"
 }
-
-running_pid() {
-  [[ -f "$PIDFILE" ]] || return 1
-  local pid
-  pid="$(cat "$PIDFILE" 2>/dev/null)" || return 1
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  is_server "$pid" || return 1
-  echo "$pid"
-}
-
-port_busy() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 
 env_lines() {
   echo "ASYMCHECK_TEST_S3=s3://$BUCKET/asymcheck?endpoint_override=$HOST:$S3_PORT&scheme=http&region=us-east-1"
@@ -84,13 +74,6 @@ export_lines() {
   env_lines | while IFS= read -r line; do
     echo "export ${line%%=*}='${line#*=}'"
   done
-}
-
-log_tail() {
-  if [[ -f "$LOG" ]]; then
-    say "last lines of $LOG:"
-    grep -v '^\s*$' "$LOG" | tail -n 40 >&2 || true
-  fi
 }
 
 build() {
@@ -246,52 +229,6 @@ start() {
   env_lines
 }
 
-stop() {
-  local pid
-  if ! pid="$(running_pid)"; then
-    rm -f "$PIDFILE"
-    say "not running"
-    return 0
-  fi
-  kill -CONT "$pid" 2>/dev/null || true  # a frozen server cannot handle SIGTERM
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 60); do
-    is_server "$pid" || break
-    sleep 0.5
-  done
-  if is_server "$pid"; then
-    say "still alive after 30 s; sending SIGKILL to $pid"
-    kill -KILL "$pid" 2>/dev/null || true
-    sleep 0.5
-  fi
-  rm -f "$PIDFILE"
-  say "stopped (pid $pid)"
-}
-
-kill_now() {
-  local pid
-  if ! pid="$(running_pid)"; then
-    rm -f "$PIDFILE"
-    say "not running"
-    return 0
-  fi
-  kill -KILL "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do
-    is_server "$pid" || break
-    sleep 0.05
-  done
-  is_server "$pid" && die "process $pid survived SIGKILL"
-  rm -f "$PIDFILE"
-  say "killed (pid $pid)"
-}
-
-signal_server() {
-  local pid
-  pid="$(running_pid)" || die "not running"
-  kill "-$1" "$pid"
-  say "sent SIG$1 to $pid"
-}
-
 status() {
   local pid
   if pid="$(running_pid)"; then
@@ -313,8 +250,8 @@ case "${1:-}" in
   resume) start resume ;;
   stop) stop ;;
   kill) kill_now ;;
-  freeze) signal_server STOP ;;
-  thaw) signal_server CONT ;;
+  freeze) signal_service STOP ;;
+  thaw) signal_service CONT ;;
   status) status ;;
   env) running_pid >/dev/null || die "not running (scripts/seaweedfs.sh start)"; export_lines ;;
   restart) stop; start ;;
