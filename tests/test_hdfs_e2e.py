@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,19 +20,23 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import torch
 
 import asymcheck
 from asymcheck.layout import manifest_key, step_dir
 from asymcheck.manifest import committed_steps
-from asymcheck.policy import TierPolicy
-from tests._util import assert_same, make_training, snapshot, train_steps
-from tests.remote_example import restores_from_remote_alone
+from tests._util import make_training, train_steps
+from tests.remote_example import (
+    FaultDuringFlush,
+    commit_again_then_close,
+    fault_policy_file,
+    restore_from_alone,
+    restores_from_remote_alone,
+)
 from tests.tiers.tier_cases import hdfs_base_url, hdfs_raw_files
 
 pytest.importorskip("hdfs_native")
 
-from tiers.base import Payload, TierError
+from tiers.base import TierError
 from tiers.hdfs import HdfsTier
 
 pytestmark = pytest.mark.hdfs
@@ -118,101 +121,9 @@ def minidfs(hdfs_url: str) -> Iterator[str]:
         assert _cluster_running(cluster)
 
 
-class _FaultDuringFlush:
-    """Wraps ``HdfsTier.put``: reports when the data of ``step`` starts to flow, and holds the
-    commit (its manifest) until the fault was injected, so the fault always lands mid-flush."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self.data_started = threading.Event()
-        self.injected = threading.Event()
-        self.data_puts = {"ok": 0, "failed": 0}
-        self._put = HdfsTier.put
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        async def put(tier: HdfsTier, key: str, data: Payload) -> None:
-            await self.put(tier, key, data)
-        monkeypatch.setattr(HdfsTier, "put", put)
-
-    async def put(self, tier: HdfsTier, key: str, data: Payload) -> None:
-        if not key.startswith(step_dir(self.step) + "/"):
-            return await self._put(tier, key, data)
-        if key == manifest_key(self.step):
-            await asyncio.to_thread(self.injected.wait, 60)
-            return await self._put(tier, key, data)
-        self.data_started.set()
-        try:
-            await self._put(tier, key, data)
-        except BaseException:
-            self.data_puts["failed"] += 1
-            raise
-        self.data_puts["ok"] += 1
-
-    def inject(self, command: str) -> float:
-        """Wait for the flush, run ``scripts/minidfs.sh command``; the time it was started."""
-        try:
-            assert self.data_started.wait(60), f"the flush of step {self.step} never started"
-            t0 = time.monotonic()
-            out = _minidfs(command, timeout=30)
-            assert out.returncode == 0, out.stderr
-        finally:
-            self.injected.set()  # never leave the commit waiting
-        return t0
-
-
-def _policy_file(tmp_path: Path, hdfs_url: str, timeout_s: float) -> Path:
-    path = tmp_path / "tiers.toml"
-    path.write_text(f"""\
-[[tier]]
-name = "host"
-url = "shm://fault-{uuid.uuid4().hex[:12]}"
-capacity = "1GiB"
-keep = 2
-
-[[tier]]
-name = "local"
-url = "{(tmp_path / 'local').as_uri()}"
-keep = 5
-
-[[tier]]
-name = "hdfs"
-url = "{hdfs_url}"
-keep = 5
-batch = "8MiB"
-options = {{ timeout_s = {timeout_s:g}, chunk_bytes = 1048576 }}
-""")
-    return path
-
-
-def _commit_again_then_close(ckpt: asymcheck.Checkpointer, model: torch.nn.Module,
-                             opt: torch.optim.Optimizer, sched: Any, *, step: int,
-                             failures: int) -> dict[str, Any]:
-    """After an HDFS fault: the same Checkpointer commits ``step`` on both tiers, and closing
-    it reports the earlier HDFS failures once. Returns the state saved at ``step``."""
-    train_steps(model, opt, sched, 1)
-    expected = snapshot(model, opt, sched)
-    handle = ckpt.save_sync(step)
-    handle.durable("hdfs").wait(60)
-    handle.durable("local").wait(60)
-    with pytest.raises(asymcheck.CheckpointError, match=f"{failures} checkpoint operation"):
-        ckpt.close_sync()
-    return expected
-
-
-def _restore_from_hdfs_alone(hdfs_url: str, step: int, expected: dict[str, Any],
-                             seed: int) -> None:
-    """A new job whose only durable tier is HDFS restores ``step``, every tensor from HDFS,
-    bit-exactly."""
-    only_hdfs = asymcheck.Policy(tiers=(
-        TierPolicy(name="host", url=f"shm://hdfs-alone-{uuid.uuid4().hex[:12]}"),
-        TierPolicy(name="hdfs", url=hdfs_url, options={"timeout_s": FAULT_TIMEOUT_S})))
-    model, opt, sched = make_training(seed=seed, width=1536)
-    with asymcheck.Checkpointer(model, opt, policy=only_hdfs, extras={"sched": sched}) as ckpt:
-        loaded = ckpt.load_sync()
-        assert loaded is not None and loaded.step == step
-        assert loaded.sources == {"hdfs": len(loaded.manifest.tensors)}
-        assert ckpt.restore_sync() == step
-    assert_same(expected, snapshot(model, opt, sched))
+def _policy_file(tmp_path: Path, url: str, timeout_s: float) -> Path:
+    return fault_policy_file(tmp_path, "hdfs", url,
+                             f"timeout_s = {timeout_s:g}, chunk_bytes = 1048576")
 
 
 def test_namenode_killed_during_a_flush(tmp_path: Path, minidfs: str, hdfs_url: str,
@@ -227,7 +138,7 @@ def test_namenode_killed_during_a_flush(tmp_path: Path, minidfs: str, hdfs_url: 
         ckpt.save_sync(1).durable("hdfs").wait(60)
 
         # Step 2: SIGKILL the cluster once its data is on the way.
-        fault = _FaultDuringFlush(2)
+        fault = FaultDuringFlush(HdfsTier, 2, _minidfs)
         with monkeypatch.context() as patch:
             fault.install(patch)
             train_steps(model, opt, sched, 1)
@@ -268,14 +179,15 @@ def test_namenode_killed_during_a_flush(tmp_path: Path, minidfs: str, hdfs_url: 
 
         # The same Checkpointer (and its HDFS client) commits the next save there.
         closed = True
-        expected = _commit_again_then_close(ckpt, model, opt, sched, step=5, failures=3)
+        expected = commit_again_then_close(ckpt, model, opt, sched, remote="hdfs", step=5,
+                                           failures=3)
     finally:
         if not closed:
             with contextlib.suppress(asymcheck.CheckpointError):
                 ckpt.close_sync()
 
     # A new job that has only HDFS restores step 5; opening the tier drops step 2's leftovers.
-    _restore_from_hdfs_alone(hdfs_url, 5, expected, seed=6)
+    restore_from_alone("hdfs", hdfs_url, 5, expected, seed=6, timeout_s=FAULT_TIMEOUT_S)
 
     async def final_state() -> tuple[list[int], list[str], int, list[str]]:
         async with HdfsTier(hdfs_url) as tier:
@@ -312,7 +224,7 @@ def test_hung_namenode_fails_within_timeout(tmp_path: Path, minidfs: str, hdfs_u
     try:
         train_steps(model, opt, sched, 1)
         ckpt.save_sync(1).durable("hdfs").wait(60)
-        fault = _FaultDuringFlush(2)
+        fault = FaultDuringFlush(HdfsTier, 2, _minidfs)
         try:
             with monkeypatch.context() as patch:
                 fault.install(patch)
@@ -329,7 +241,8 @@ def test_hung_namenode_fails_within_timeout(tmp_path: Path, minidfs: str, hdfs_u
         assert detect_s < timeout_s + 3, f"the failure took {detect_s:.1f} s to surface"
 
         closed = True
-        expected = _commit_again_then_close(ckpt, model, opt, sched, step=3, failures=1)
+        expected = commit_again_then_close(ckpt, model, opt, sched, remote="hdfs", step=3,
+                                           failures=1)
     finally:
         if not closed:
             with contextlib.suppress(asymcheck.CheckpointError):
@@ -339,7 +252,7 @@ def test_hung_namenode_fails_within_timeout(tmp_path: Path, minidfs: str, hdfs_u
         async with HdfsTier(hdfs_url) as tier:
             return await committed_steps(tier)
     assert _run(hdfs_state()) == [1, 3]
-    _restore_from_hdfs_alone(hdfs_url, 3, expected, seed=8)
+    restore_from_alone("hdfs", hdfs_url, 3, expected, seed=8, timeout_s=FAULT_TIMEOUT_S)
 
     summary = (f"NameNode hung (SIGSTOP) mid-flush, timeout_s={timeout_s:g}: HDFS durable "
                f"failed {detect_s:.2f} s after the freeze ({info.value})")

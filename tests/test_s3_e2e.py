@@ -24,23 +24,28 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-import torch
 
 import asymcheck
 from asymcheck import cli
 from asymcheck.commit import _drop_uncommitted
 from asymcheck.layout import manifest_key, step_dir
 from asymcheck.manifest import committed_steps
-from asymcheck.policy import TierPolicy
-from tests._util import assert_same, make_training, snapshot, train_steps
-from tests.remote_example import restores_from_remote_alone, toml_string
+from tests._util import make_training, train_steps
+from tests.remote_example import (
+    FaultDuringFlush,
+    commit_again_then_close,
+    fault_policy_file,
+    restore_from_alone,
+    restores_from_remote_alone,
+    toml_string,
+)
 from tests.tiers.tier_cases import s3_base_url, s3_url
 
 pytest.importorskip("pyarrow.fs")
 
 import tiers.arrowfs as arrowfs
 from tiers.arrowfs import ArrowFsTier
-from tiers.base import Payload, TierError
+from tiers.base import TierError
 from tiers.registry import open_tier
 
 pytestmark = pytest.mark.s3
@@ -142,107 +147,8 @@ def seaweedfs(s3_prefix: str) -> Iterator[str]:
         assert _server_running(s3_prefix)
 
 
-class _FaultDuringFlush:
-    """Wraps ``ArrowFsTier.put``: reports when the data of ``step`` starts to flow, and holds
-    its commit (the manifest) until the fault was injected, so the fault lands mid-flush."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self.data_started = threading.Event()
-        self.injected = threading.Event()
-        self.data_puts = {"ok": 0, "failed": 0}
-        self.manifest_put = "not tried"
-        self._put = ArrowFsTier.put
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        async def put(tier: ArrowFsTier, key: str, data: Payload) -> None:
-            await self.put(tier, key, data)
-        monkeypatch.setattr(ArrowFsTier, "put", put)
-
-    async def put(self, tier: ArrowFsTier, key: str, data: Payload) -> None:
-        if not key.startswith(step_dir(self.step) + "/"):
-            return await self._put(tier, key, data)
-        if key == manifest_key(self.step):
-            await asyncio.to_thread(self.injected.wait, 60)
-            try:
-                await self._put(tier, key, data)
-            except BaseException:
-                self.manifest_put = "failed"
-                raise
-            self.manifest_put = "ok"
-            return
-        self.data_started.set()
-        try:
-            await self._put(tier, key, data)
-        except BaseException:
-            self.data_puts["failed"] += 1
-            raise
-        self.data_puts["ok"] += 1
-
-    def inject(self, command: str) -> float:
-        """Wait for the flush, run ``scripts/seaweedfs.sh command``; when it was started."""
-        try:
-            assert self.data_started.wait(60), f"the flush of step {self.step} never started"
-            t0 = time.monotonic()
-            out = _seaweedfs(command, timeout=30)
-            assert out.returncode == 0, out.stderr
-        finally:
-            self.injected.set()  # never leave the commit waiting
-        return t0
-
-
-def _policy_file(tmp_path: Path, s3: str, timeout_s: float) -> Path:
-    path = tmp_path / "tiers.toml"
-    path.write_text(f"""\
-[[tier]]
-name = "host"
-url = "shm://fault-{uuid.uuid4().hex[:12]}"
-capacity = "1GiB"
-keep = 2
-
-[[tier]]
-name = "local"
-url = "{(tmp_path / 'local').as_uri()}"
-keep = 5
-
-[[tier]]
-name = "s3"
-url = "{toml_string(s3)}"
-keep = 5
-batch = "8MiB"
-options = {{ timeout_s = {timeout_s:g}, {CLIENT_OPTIONS} }}
-""")
-    return path
-
-
-def _commit_again_then_close(ckpt: asymcheck.Checkpointer, model: torch.nn.Module,
-                             opt: torch.optim.Optimizer, sched: Any, *, step: int,
-                             failures: int) -> dict[str, Any]:
-    """After a fault: the same Checkpointer commits ``step`` on both tiers, and closing it
-    reports the earlier S3 failures once. Returns the state saved at ``step``."""
-    train_steps(model, opt, sched, 1)
-    expected = snapshot(model, opt, sched)
-    handle = ckpt.save_sync(step)
-    handle.durable("s3").wait(60)
-    handle.durable("local").wait(60)
-    with pytest.raises(asymcheck.CheckpointError, match=f"{failures} checkpoint operation"):
-        ckpt.close_sync()
-    return expected
-
-
-def _restore_from_s3_alone(s3: str, step: int, expected: dict[str, Any], seed: int) -> None:
-    """A new job whose only durable tier is S3 restores ``step``, every tensor from S3,
-    bit-exactly."""
-    only_s3 = asymcheck.Policy(tiers=(
-        TierPolicy(name="host", url=f"shm://s3-alone-{uuid.uuid4().hex[:12]}"),
-        TierPolicy(name="s3", url=s3, options={"timeout_s": FAULT_TIMEOUT_S})))
-    model, opt, sched = make_training(seed=seed, width=1536)
-    with asymcheck.Checkpointer(model, opt, policy=only_s3, extras={"sched": sched}) as ckpt:
-        loaded = ckpt.load_sync()
-        assert loaded is not None and loaded.step == step
-        assert loaded.sources == {"s3": len(loaded.manifest.tensors)}
-        assert ckpt.restore_sync() == step
-    assert_same(expected, snapshot(model, opt, sched))
+def _policy_file(tmp_path: Path, url: str, timeout_s: float) -> Path:
+    return fault_policy_file(tmp_path, "s3", url, f"timeout_s = {timeout_s:g}, {CLIENT_OPTIONS}")
 
 
 def _wait_committed(url: str, want: list[int], within_s: float = 15.0) -> list[int]:
@@ -318,7 +224,7 @@ def test_server_killed_during_a_flush(tmp_path: Path, seaweedfs: str,
 
         # Step 2: SIGKILL the server once its data is on the way, and while a multipart
         # upload of another object is half done.
-        fault = _FaultDuringFlush(2)
+        fault = FaultDuringFlush(ArrowFsTier, 2, _seaweedfs)
         with monkeypatch.context() as patch:
             cut = _CutOffUpload(s3, patch)
             cut.start()
@@ -362,13 +268,13 @@ def test_server_killed_during_a_flush(tmp_path: Path, seaweedfs: str,
 
         # The same Checkpointer (and its S3 client) commits the next save there.
         closed = True
-        expected = _commit_again_then_close(ckpt, model, opt, sched, step=5, failures=3)
+        expected = commit_again_then_close(ckpt, model, opt, sched, remote="s3", step=5, failures=3)
     finally:
         if not closed:
             with contextlib.suppress(asymcheck.CheckpointError):
                 ckpt.close_sync()
 
-    _restore_from_s3_alone(s3, 5, expected, seed=6)
+    restore_from_alone("s3", s3, 5, expected, seed=6, timeout_s=FAULT_TIMEOUT_S)
     assert _run(_committed(s3)) == [1, 5]
 
     summary = (f"S3 server SIGKILL mid-flush: durable failed {detect_s:.2f} s after the kill "
@@ -397,7 +303,7 @@ def test_frozen_server_fails_within_timeout(tmp_path: Path, seaweedfs: str,
     try:
         train_steps(model, opt, sched, 1)
         ckpt.save_sync(1).durable("s3").wait(60)
-        fault = _FaultDuringFlush(2)
+        fault = FaultDuringFlush(ArrowFsTier, 2, _seaweedfs)
         try:
             with monkeypatch.context() as patch:
                 fault.install(patch)
@@ -415,14 +321,14 @@ def test_frozen_server_fails_within_timeout(tmp_path: Path, seaweedfs: str,
         assert detect_s < timeout_s + 0.6 + 3, f"the failure took {detect_s:.1f} s to surface"
 
         closed = True
-        expected = _commit_again_then_close(ckpt, model, opt, sched, step=3, failures=1)
+        expected = commit_again_then_close(ckpt, model, opt, sched, remote="s3", step=3, failures=1)
     finally:
         if not closed:
             with contextlib.suppress(asymcheck.CheckpointError):
                 ckpt.close_sync()
 
     assert _wait_committed(s3, [1, 3]) == [1, 3]
-    _restore_from_s3_alone(s3, 3, expected, seed=8)
+    restore_from_alone("s3", s3, 3, expected, seed=8, timeout_s=FAULT_TIMEOUT_S)
 
     summary = (f"S3 server frozen (SIGSTOP) mid-flush, timeout_s={timeout_s:g}: durable "
                f"failed {detect_s:.2f} s after the freeze ({info.value}); step-2 data puts "
