@@ -29,12 +29,15 @@ from .handle import SaveHandle
 from .layout import new_job_id
 from .partition import BackwardPolicy, ForwardPolicy
 from .policy import Policy, default_policy, load_policy
+from .reshard import model_targets
 from .restore import LoadedCheckpoint
 from .snapshot import DEFAULT_CHUNK_BYTES
 from .stager import Stager
 from .state import apply_rng
+from .statedict import MODEL, OPTIMIZERS, REPLICABLE
+from .statedict import apply as apply_state
 from .stream import save_in_pieces
-from .topology import REPLICABLE, make_topology
+from .topology import make_topology
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,8 @@ class Checkpointer:
                  replicated: Iterable[str] = (), dist_timeout_s: float = 1800.0) -> None:
         self.model = model
         self.optimizers = _as_list(optimizer)
+        if model is None and self.optimizers:
+            raise ValueError("optimizer state is saved by parameter name: pass the model too")
         self.extras = dict(extras or {})
         for name, obj in [("model", model), *[(f"optimizer[{i}]", o)
                                                for i, o in enumerate(self.optimizers)],
@@ -222,20 +227,18 @@ class Checkpointer:
         self._stager.finish_pending()
         yield from self._open()
         tiers = [self._commit.tiers[t.name] for t in self.policy.tiers]
-        return (yield from self._topology.restore(tiers, step))
+        return (yield from self._topology.restore(tiers, step, model_targets(self.model)))
 
     def _apply(self, loaded: LoadedCheckpoint | None) -> int | None:
         if loaded is None:
             return None
         state = loaded.state
-        if self.model is not None:
-            self.model.load_state_dict(state["model"])
-        saved_opts = state["optimizers"]
+        saved_opts = state[OPTIMIZERS]
         if len(saved_opts) != len(self.optimizers):
             raise ValueError(f"checkpoint step {loaded.step} holds {len(saved_opts)} optimizer "
                              f"states, this Checkpointer has {len(self.optimizers)}")
-        for opt, sd in zip(self.optimizers, saved_opts, strict=True):
-            opt.load_state_dict(sd)
+        if self.model is not None:
+            apply_state(self.model, self.optimizers, state[MODEL], saved_opts)
         missing = set(self.extras) - set(state["extras"])
         if missing:
             raise ValueError(f"checkpoint step {loaded.step} has no state for extras "

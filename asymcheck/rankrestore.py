@@ -1,26 +1,30 @@
-"""Multi-rank restore: every rank restores the same step, each its own shard.
+"""Multi-rank restore: every rank restores the same step, each its own part of it.
 
-Collectives run on a gloo group of the restore's own: rank 0 lists the global manifests, checks
-the world size and broadcasts the candidates with every shard's digest; each rank reports which
-of them it can read (its shard manifest on a tier where the step is globally committed has the
-recorded digest); all ranks load the newest step they can all read, each from its nearest tier,
-and agree that every rank loaded it before any state is applied, so steps never mix.
+Collectives run on a gloo group of the restore's own: rank 0 lists the global manifests and
+broadcasts the candidates with the world size that saved each and every shard's digest; each
+rank reports which of them it can read (its primary shard, see ``reshard``, on a tier where the
+step is globally committed, with the recorded digest); all ranks load the newest step they can
+all read, each from its nearest tiers and placed as its model wants it (at any world size when
+the state is sharded), and agree that every rank loaded it before any state is applied, so
+steps never mix.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from tiers.base import Tier
 
 from ._loop import Steps
 from .errors import RestoreError
 from .layout import manifest_key
-from .manifest import checksum, committed_steps, read_manifest
+from .manifest import Manifest, checksum, committed_steps
 from .rankcommit import broadcast, gather
-from .restore import LoadedCheckpoint, load_checkpoint, world_size_error
-from .topology import REPLICABLE
+from .reshard import Placer, ShardViews, Targets
+from .restore import LoadedCheckpoint
 
 if TYPE_CHECKING:
     from .ranks import Ranks
@@ -32,10 +36,13 @@ class RankRestore:
     def __init__(self, ranks: Ranks, group: Any) -> None:
         self._ranks = ranks
         self._group = group
+        self._shard_views: ShardViews | None = None
 
-    def restore(self, step: int | None) -> Steps[LoadedCheckpoint | None]:
-        """Load this rank's shard of the newest checkpoint every rank can read (or ``step``).
-        Collective: every rank calls it. Collectives run on a worker thread of the loop."""
+    def restore(self, step: int | None, targets: Targets | None
+                ) -> Steps[LoadedCheckpoint | None]:
+        """Load this rank's part of the newest checkpoint every rank can read (or ``step``),
+        placed like ``targets``. Collective: every rank calls it. Collectives run on a worker
+        thread of the loop."""
         ranks = self._ranks
         plan: dict[str, Any] | None = None
         if ranks.rank == 0:
@@ -49,58 +56,52 @@ class RankRestore:
             raise RestoreError(plan["error"])
         if ranks.rank != 0:
             ranks.known.update(plan["known"])
-        candidates: list[tuple[int, dict[str, list[int]]]] = plan["candidates"]
+        candidates = [_Candidate(*c) for c in plan["candidates"]]
         if not candidates:
             return None
         mine: dict[int, list[str]] = yield self._readable(candidates)
         everyone: list[list[int]] = yield self._collective(gather, sorted(mine))
-        common = [s for s, _ in candidates if all(s in have for have in everyone)]
+        common = [c for c in candidates if all(c.step in have for have in everyone)]
         if not common:
-            lacking = {r: [s for s, _ in candidates if s not in have]
+            lacking = {r: [c.step for c in candidates if c.step not in have]
                        for r, have in enumerate(everyone)}
             raise RestoreError(
-                f"checkpoints {[s for s, _ in candidates]} are committed, but no step has a "
+                f"checkpoints {[c.step for c in candidates]} are committed, but no step has a "
                 "readable shard on every rank (steps each rank lacks: "
                 + ", ".join(f"rank {r}: {v}" for r, v in lacking.items() if v) + ")")
         failures: list[str] = []
-        for s in common:
-            loaded = yield from self._load_step(s, mine[s], dict(candidates)[s], failures)
+        for c in common:
+            loaded = yield from self._load_step(c, mine[c.step], targets, failures)
             if loaded is not None:
                 return loaded
         raise RestoreError("no committed checkpoint could be read on every rank: "
                            + "; ".join(failures))
 
-    def _load_step(self, step: int, tiers: list[str], digests: dict[str, list[int]],
+    def _primary(self, saved_world: int) -> int:
+        return self._ranks.rank if self._ranks.rank < saved_world else 0
+
+    def _load_step(self, c: _Candidate, tiers: list[str], targets: Targets | None,
                    failures: list[str]) -> Steps[LoadedCheckpoint | None]:
-        """Every rank loads ``step``; None (and ``failures`` extended) unless all could."""
+        """Every rank loads step ``c``; None (and ``failures`` extended) unless all could."""
         ranks = self._ranks
+        primary = self._primary(c.world)
+
+        def views(q: int) -> list[Tier]:
+            return self._views(q, c.world, tiers if q == primary else list(c.digests))
+
         loaded: LoadedCheckpoint | None = None
         status = "ok"
         try:
-            loaded = yield load_checkpoint([ranks.views[t] for t in tiers], step,
-                                           world_size=ranks.world_size)
+            loaded = yield Placer(c.step, c.world, views, rank=ranks.rank, world=ranks.world_size,
+                                  targets=targets, digests=c.digests).load()
         except Exception as e:
             status = f"rank {ranks.rank}: {e}"
-        need = False
-        if loaded is not None and ranks.replicated and ranks.rank != 0:
-            try:
-                self._merge(loaded.state, (yield self._load_replicated(step, digests)))
-            except Exception as e:
-                log.info("step %d: rank 0's shard is not readable here (%s); rank 0 "
-                         "sends the replicated state", step, e)
-                need = True
-        statuses: list[tuple[str, bool]] = yield self._collective(gather, (status, need))
-        bad = [st for st, _ in statuses if st != "ok"]
+        statuses: list[str] = yield self._collective(gather, status)
+        bad = [st for st in statuses if st != "ok"]
         if bad:
-            log.warning("step %d could not be restored on every rank: %s", step, "; ".join(bad))
+            log.warning("step %d could not be restored on every rank: %s", c.step, "; ".join(bad))
             failures.extend(bad)
             return None
-        assert loaded is not None
-        if any(n for _, n in statuses):
-            part = self._parts(loaded.state) if ranks.rank == 0 else None
-            part = yield self._collective(broadcast, part)
-            if need:
-                self._merge(loaded.state, part)
         return loaded
 
     async def _collective(self, fn: Callable[[Any, Any], Any], obj: Any) -> Any:
@@ -108,8 +109,8 @@ class RankRestore:
         return await asyncio.to_thread(fn, self._group, obj)
 
     async def _plan(self, step: int | None) -> dict[str, Any]:
-        """Rank 0: the globally committed steps (newest first) with each rank's shard digest
-        per tier; an error when the newest was saved by another world size."""
+        """Rank 0: the globally committed steps (newest first), each with the world size that
+        saved it and each rank's shard digest per tier."""
         known: dict[str, list[int]] = {}
         for tp in self._ranks.policy.tiers:
             try:
@@ -122,87 +123,64 @@ class RankRestore:
                 raise RestoreError(f"step {step} is not committed by all {self._ranks.world_size} "
                                    f"ranks on any tier (committed: {sorted(found) or 'none'})")
             found = [step]
-        candidates: list[tuple[int, dict[str, list[int]]]] = []
+        candidates: list[tuple[int, int, dict[str, list[int]]]] = []
         for s in found:
             per_tier: dict[str, list[int]] = {}
-            saved_world = None
+            worlds = set()
             for tp in self._ranks.policy.tiers:
                 if s not in known.get(tp.name, []):
                     continue
                 try:
-                    man = await read_manifest(self._ranks.global_tiers[tp.name], s)
+                    data = await self._ranks.global_tiers[tp.name].get(manifest_key(s))
+                    man = Manifest.from_bytes(data, source=f"{tp.name}:{manifest_key(s)}")
                 except Exception as e:
                     log.warning("step %d: global manifest on %s unusable: %s", s, tp.name, e)
                     continue
-                if man.world_size != self._ranks.world_size:
-                    saved_world = man.world_size
-                    break
+                if man.world_size == 1:  # a checkpoint of one process: its manifest
+                    per_tier[tp.name] = [checksum(data)]
+                    worlds.add(1)
+                    continue
                 ranks = man.info.get("ranks")
-                if not isinstance(ranks, list) or len(ranks) != self._ranks.world_size:
+                if not isinstance(ranks, list) or len(ranks) != man.world_size:
                     log.warning("step %d: global manifest on %s lists no shard per rank",
                                 s, tp.name)
                     continue
                 per_tier[tp.name] = [int(r["xxh64"]) for r in ranks]
-            if saved_world is not None:
-                if not candidates:  # the newest checkpoint: a clear error, never an older one
-                    raise world_size_error(s, saved_world, self._ranks.world_size)
-                continue
-            if per_tier:
-                candidates.append((s, per_tier))
+                worlds.add(man.world_size)
+            if len(worlds) == 1 and per_tier:
+                candidates.append((s, worlds.pop(), per_tier))
         return {"candidates": candidates, "known": known, "error": None}
 
-    async def _readable(self, candidates: list[tuple[int, dict[str, list[int]]]]
-                        ) -> dict[int, list[str]]:
-        """Per candidate step, the tiers (nearest first) holding this rank's recorded shard."""
+    def _views(self, q: int, saved_world: int, names: Sequence[str]) -> list[Tier]:
+        if self._shard_views is None:
+            ranks = self._ranks
+            self._shard_views = ShardViews(ranks.policy, ranks.shared, ranks.views, ranks.rank)
+        return self._shard_views(q, saved_world, names)
+
+    async def _readable(self, candidates: list[_Candidate]) -> dict[int, list[str]]:
+        """Per candidate step, the tiers (nearest first) holding this rank's primary shard as
+        the commit recorded it."""
         out: dict[int, list[str]] = {}
-        for s, per_tier in candidates:
+        for c in candidates:
+            q = self._primary(c.world)
             tiers = []
-            for tp in self._ranks.policy.tiers:
-                digests = per_tier.get(tp.name)
-                if digests is None:
-                    continue
+            for tier in self._views(q, c.world, list(c.digests)):
                 try:
-                    data = await self._ranks.views[tp.name].get(manifest_key(s))
+                    data = await tier.get(manifest_key(c.step))
                 except Exception:
                     continue
-                if checksum(data) == digests[self._ranks.rank]:
-                    tiers.append(tp.name)
+                if checksum(data) == c.digests[tier.name][q]:
+                    tiers.append(tier.name)
             if tiers:
-                out[s] = tiers
+                out[c.step] = tiers
         return out
 
-    def _prefixes(self) -> tuple[str, ...]:
-        return tuple(f"{n}/" if n in REPLICABLE else f"extras/{n}/" for n in self._ranks.replicated)
+    async def close(self) -> None:
+        if self._shard_views is not None:
+            await self._shard_views.close()
 
-    async def _load_replicated(self, step: int, digests: dict[str, list[int]]) -> dict[str, Any]:
-        """The replicated parts of rank 0's shard of ``step``, from the nearest tier here."""
-        readers = self._ranks.rank0_readers()
-        tiers = []
-        for tp in self._ranks.policy.tiers:
-            reader = readers.get(tp.name)
-            if reader is None or tp.name not in digests:
-                continue
-            try:
-                data = await reader.get(manifest_key(step))
-            except Exception:
-                continue
-            if checksum(data) == digests[tp.name][0]:
-                tiers.append(reader)
-        if not tiers:
-            raise RestoreError(f"step {step}: rank 0's shard is on no tier this rank reaches")
-        prefixes = self._prefixes()
-        loaded = await load_checkpoint(tiers, step, world_size=self._ranks.world_size,
-                                       select=lambda path: path.startswith(prefixes))
-        assert loaded is not None
-        return self._parts(loaded.state)
 
-    def _parts(self, state: Any) -> dict[str, Any]:
-        return {n: state[n] if n in REPLICABLE else state["extras"][n]
-                for n in self._ranks.replicated}
-
-    def _merge(self, state: Any, parts: dict[str, Any]) -> None:
-        for n, value in parts.items():
-            if n in REPLICABLE:
-                state[n] = value
-            else:
-                state["extras"][n] = value
+class _Candidate(NamedTuple):
+    step: int
+    world: int
+    digests: dict[str, list[int]]

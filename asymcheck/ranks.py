@@ -7,8 +7,9 @@ the global manifest ``step-<N>/manifest.msgpack`` last, once every shard is dura
 ``shm://NAME-rank<r>``, and rank 0 keeps that tier's global manifests in ``shm://NAME``.
 
 Replicated state (``replicated=("model",)``, e.g. the parameters under DistributedDataParallel)
-is written by rank 0 only; every other rank reads it from rank 0's shard, or receives it from
-rank 0 when no tier it reaches holds that shard (``rankrestore``).
+is written by rank 0 only; every other rank reads it from rank 0's shard (``reshard``). Sharded
+state (DTensors: FSDP2, tensor parallel) is stored chunk by chunk, each rank its own, and
+restores at any world size (``reshard``).
 
 Retention counts global commits: each rank deletes only its own shards, and only rank 0
 removes whole step directories, after a newer global commit.
@@ -34,6 +35,7 @@ from .policy import Policy
 from .rankcommit import RankCommits
 from .rankrestore import RankRestore
 from .rankview import RankScopedTier
+from .reshard import Targets
 from .restore import LoadedCheckpoint
 from .retention import delete_step, needed_bases, plan_deletions, plan_uncommitted
 
@@ -68,7 +70,6 @@ class Ranks:
         self.global_tiers: dict[str, Tier] = {}  # where rank 0 keeps global manifests
         self.known: dict[str, list[int]] = {}  # globally committed steps per tier (rank 0's)
         self.shared: dict[str, Tier] = {}  # the tiers the ranks share, by name
-        self._rank0_views: dict[str, Tier] | None = None
         self._owned: list[Tier] = []
         self._commits = RankCommits(self, groups, loop, on_global, on_error)
         self._restore = RankRestore(self, dist.new_group(backend="gloo", timeout=timeout))
@@ -108,27 +109,13 @@ class Ranks:
         self.views = views
         return views
 
-    def rank0_readers(self) -> dict[str, Tier]:
-        """Readers of rank 0's shard on the tiers this rank reaches (for replicated state)."""
-        if self._rank0_views is None:
-            views: dict[str, Tier] = {}
-            for i, tp in enumerate(self.policy.tiers):
-                if i:
-                    views[tp.name] = RankScopedTier(self.shared[tp.name], 0)
-                    continue
-                reader = open_tier(host_shard_url(tp.url, 0), name=tp.name, **tp.options)
-                if reader.local_dir is not None and not reader.local_dir.exists():
-                    continue  # rank 0 runs on another host
-                views[tp.name] = self.own(reader)
-            self._rank0_views = views
-        return self._rank0_views
-
     def own(self, tier: Tier) -> Tier:
         """Close ``tier`` with this topology."""
         self._owned.append(tier)
         return tier
 
     async def close(self) -> None:
+        await self._restore.close()
         for tier in self._owned:
             with contextlib.suppress(Exception):
                 await tier.close()
@@ -169,6 +156,6 @@ class Ranks:
             await delete_step(gtier, s)  # a shared tier: every rank's shard in it goes too
 
     # ---------------------------------------------------------------- restore
-    def restore(self, tiers: Sequence[Tier], step: int | None
+    def restore(self, tiers: Sequence[Tier], step: int | None, targets: Targets | None
                 ) -> Steps[LoadedCheckpoint | None]:
-        return self._restore.restore(step)
+        return self._restore.restore(step, targets)

@@ -12,7 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -25,7 +25,7 @@ from tiers.host import HostTier
 from ._loop import gather_or_cancel
 from .codec import ChecksumError, EncodedChunk, decode_into
 from .errors import ChunkError, RestoreError
-from .layout import step_dir
+from .layout import manifest_key, step_dir
 from .manifest import (
     ChunkMeta,
     Manifest,
@@ -115,42 +115,54 @@ async def read_chunk(tier: Tier, step: int, chunk: ChunkMeta, out: memoryview,
                          f"({chunk.raw_len} bytes)")
 
 
-async def read_tensor(tier: Tier, step: int, meta: TensorMeta, out: torch.Tensor, *,
-                      base: BaseReader | None = None,
+async def read_tensor(tier: Tier, step: int, meta: TensorMeta, out: torch.Tensor | memoryview,
+                      *, base: BaseReader | None = None,
                       executor: concurrent.futures.Executor | None = None,
-                      locate: Locator = _direct) -> None:
-    """Fill ``out`` with one tensor of a checkpoint on ``tier``, verified chunk by chunk.
+                      locate: Locator = _direct, span: tuple[int, int] | None = None) -> None:
+    """Fill ``out`` with one tensor of a checkpoint on ``tier``, verified chunk by chunk; with
+    ``span`` (a chunk-aligned byte range, see ``chunk_span``) only those bytes of it.
 
     Coded chunks are fetched with ranged reads and decoded in parallel on ``executor``;
     delta chunks ask ``base`` for the same tensor of their base checkpoint.
     """
-    view = tensor_bytes(out)
-    coded = [c for c in meta.chunks if c.codec != "raw"]
+    view = out if isinstance(out, memoryview) else tensor_bytes(out)
+    lo, hi = span if span is not None else (0, meta.nbytes)
+    chunks = [c for c in meta.chunks if c.raw_offset < hi and c.raw_offset + c.raw_len > lo] \
+        if span is not None else list(meta.chunks)
+    coded = [c for c in chunks if c.codec != "raw"]
     if not coded:
-        for chunk in meta.chunks:
-            await read_chunk(tier, step, chunk,
-                             view[chunk.raw_offset:chunk.raw_offset + chunk.raw_len], locate)
+        for chunk in chunks:
+            start = chunk.raw_offset - lo
+            await read_chunk(tier, step, chunk, view[start:start + chunk.raw_len], locate)
         return
-    if len(coded) != len(meta.chunks):
+    if len(coded) != len(chunks):
         raise ChunkError(f"{meta.path}: raw and coded chunks mixed in one tensor")
     sd = step_dir(step)
     where = [locate(c) for c in coded]
     stored = await gather_or_cancel(tier.get(f"{sd}/{file}", offset, c.stored_len)
                                     for c, (file, offset) in zip(coded, where, strict=True))
-    chunks = [EncodedChunk(c.codec, c.raw_offset, c.raw_len, data, c.xxh64, c.elem_size,
-                           c.stored_xxh64 if c.stored_xxh64 is not None else c.xxh64)
-              for c, data in zip(coded, stored, strict=True)]
+    encoded = [EncodedChunk(c.codec, c.raw_offset - lo, c.raw_len, data, c.xxh64, c.elem_size,
+                            c.stored_xxh64 if c.stored_xxh64 is not None else c.xxh64)
+               for c, data in zip(coded, stored, strict=True)]
     base_bytes = None
     base_steps = {c.base_step for c in coded if c.base_step is not None}
     if base_steps:
         if len(base_steps) != 1 or base is None:
             raise ChunkError(f"{meta.path}: delta chunks need one base checkpoint, "
                              f"got {sorted(base_steps)}")
-        base_bytes = await base(base_steps.pop(), meta)
+        base_bytes = (await base(base_steps.pop(), meta))[lo:hi]
     try:
-        await asyncio.to_thread(decode_into, chunks, view, base=base_bytes, executor=executor)
+        await asyncio.to_thread(decode_into, encoded, view, base=base_bytes, executor=executor)
     except ChecksumError as e:
         raise ChunkError(f"{tier.name}:{sd}/{coded[0].file}: {meta.path}: {e}") from None
+
+
+def chunk_span(meta: TensorMeta, start: int, stop: int) -> tuple[int, int]:
+    """The smallest run of whole chunks of ``meta`` that holds bytes [start, stop)."""
+    inside = [c for c in meta.chunks if c.raw_offset < stop and c.raw_offset + c.raw_len > start]
+    if not inside:
+        return start, start
+    return inside[0].raw_offset, inside[-1].raw_offset + inside[-1].raw_len
 
 
 #: threads that copy and verify raw tensors out of shared memory in bulk
@@ -253,29 +265,21 @@ async def read_base_tensor(holders: Sequence[Tier], step: int, meta: TensorMeta,
                      f"(tried {', '.join(problems) or 'no tier holds it'})")
 
 
-async def load_checkpoint(tiers: Sequence[Tier], step: int | None = None, *,
-                          max_parallel: int = 8, world_size: int = 1,
-                          select: Callable[[str], bool] | None = None
-                          ) -> LoadedCheckpoint | None:
-    """Read the newest committed checkpoint (or ``step``). None when nothing is committed.
-
-    A checkpoint saved with another ``world_size`` is an error naming both sizes. With
-    ``select``, only tensors whose path it accepts are read; the others are left as tensors
-    on the meta device."""
-    found = await steps_by_tier(tiers)
-    if step is None:
-        if not found:
-            return None
-        step = max(found)
-    elif step not in found:
-        raise RestoreError(f"step {step} is not committed on any tier "
-                           f"(committed: {sorted(found) or 'none'})")
-    holders = found[step]
+async def verified_copies(tiers: Sequence[Tier], step: int,
+                          digests: Mapping[str, int] | None = None) -> list[tuple[Tier, Manifest]]:
+    """The tiers among ``tiers`` holding a readable manifest of ``step`` whose files are all
+    there (with ``digests``: whose manifest bytes have the recorded xxh64), with the manifest.
+    Raises RestoreError when there is none."""
     copies: list[tuple[Tier, Manifest]] = []
     problems: list[str] = []
-    for tier in holders:
+    for tier in tiers:
         try:
-            man = await read_manifest(tier, step)
+            data = await tier.get(manifest_key(step))
+            if digests is not None and checksum(data) != digests.get(tier.name):
+                raise ManifestError("it is not the manifest the commit recorded")
+            man = Manifest.from_bytes(data, source=f"{tier.name}:{manifest_key(step)}")
+            if man.step != step:
+                raise ManifestError(f"manifest is for step {man.step}")
             await check_files(tier, man)
         except Exception as e:
             problems.append(f"{tier.name}: {e}")
@@ -288,55 +292,125 @@ async def load_checkpoint(tiers: Sequence[Tier], step: int | None = None, *,
         copies.append((tier, man))
     if not copies:
         raise RestoreError(f"step {step}: no tier holds a readable manifest "
-                           f"(tried {', '.join(t.name for t in holders)}): {'; '.join(problems)}")
+                           f"(tried {', '.join(t.name for t in tiers) or 'none'}): "
+                           f"{'; '.join(problems)}")
+    return copies
+
+
+class CopyReader:
+    """Reads tensors of one checkpoint (or one rank's shard of it) from its verified copies,
+    nearest first, falling back tier by tier; counts what it read where in ``sources``."""
+
+    def __init__(self, step: int, copies: Sequence[tuple[Tier, Manifest]],
+                 pool: concurrent.futures.Executor, sources: dict[str, int]) -> None:
+        self.step = step
+        self.copies = list(copies)
+        self.manifest = self.copies[0][1]
+        self.pool = pool
+        self.sources = sources
+        self._found: dict[int, list[Tier]] | None = None
+        self._bases: dict[tuple[int, str], asyncio.Future[memoryview]] = {}
+
+    async def _base(self, base_step: int, meta: TensorMeta) -> memoryview:
+        if self._found is None:
+            self._found = await steps_by_tier([t for t, _ in self.copies])
+        found = self._found
+        key = (base_step, meta.path)
+        if key not in self._bases:
+            self._bases[key] = asyncio.ensure_future(
+                read_base_tensor(found.get(base_step, []), base_step, meta, self.pool))
+        return await self._bases[key]
+
+    async def read(self, index: int, out: torch.Tensor | memoryview,
+                   byte_range: tuple[int, int] | None = None) -> None:
+        """Tensor ``index`` into ``out``; with ``byte_range`` only the bytes [start, stop) of
+        it (``out`` then holds exactly those)."""
+        tried = []
+        for tier, man in self.copies:
+            meta = man.tensors[index]
+            try:
+                if byte_range is None:
+                    await read_tensor(tier, self.step, meta, out, base=self._base,
+                                      executor=self.pool, locate=man.locate)
+                else:
+                    start, stop = byte_range
+                    lo, hi = chunk_span(meta, start, stop)
+                    buf = memoryview(bytearray(hi - lo))
+                    await read_tensor(tier, self.step, meta, buf, base=self._base,
+                                      executor=self.pool, locate=man.locate, span=(lo, hi))
+                    view = out if isinstance(out, memoryview) else tensor_bytes(out)
+                    view[:] = buf[start - lo:stop - lo]
+            except Exception as e:
+                tried.append(f"{tier.name} ({e})")
+                log.warning("step %d: %s unreadable on %s, trying the next tier: %s",
+                            self.step, meta.path, tier.name, e)
+                continue
+            self.sources[tier.name] = self.sources.get(tier.name, 0) + 1
+            return
+        what = self.manifest.tensors[index].path
+        if byte_range is not None:
+            what += f" bytes [{byte_range[0]}, {byte_range[1]})"
+        raise RestoreError(f"step {self.step}: no good copy of tensor {what!r}; "
+                           f"tried {', '.join(tried)}")
+
+    async def read_all(self, select: Callable[[str], bool] | None = None,
+                       max_parallel: int = 8) -> list[torch.Tensor]:
+        """Every tensor ``select`` accepts (the others: tensors on the meta device)."""
+        reference = self.manifest
+        wanted = [i for i, m in enumerate(reference.tensors) if select is None or select(m.path)]
+        try:
+            tensors = [empty_tensor(m) if select is None or select(m.path)
+                       else torch.empty(m.shape, dtype=dtype_from_name(m.dtype), device="meta")
+                       for m in reference.tensors]
+        except (RuntimeError, MemoryError) as e:  # a manifest may claim more than memory holds
+            raise RestoreError(f"step {self.step}: cannot allocate the {reference.nbytes} bytes "
+                               f"of tensors its manifest lists: {e}") from None
+        tier, man = self.copies[0]
+        if tier.capabilities.in_memory:  # shared memory: raw tensors in bulk, off the loop
+            done = await _read_raw_in_bulk(cast(HostTier, tier), self.step, man, tensors, wanted)
+            if done:
+                self.sources[tier.name] = self.sources.get(tier.name, 0) + len(done)
+                wanted = [i for i in wanted if i not in done]
+        sem = asyncio.Semaphore(max_parallel)
+
+        async def fetch(i: int) -> None:
+            async with sem:
+                await self.read(i, tensors[i])
+
+        await gather_or_cancel(fetch(i) for i in wanted)
+        return tensors
+
+
+def decode_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="asymcheck-decode")
+
+
+async def load_checkpoint(tiers: Sequence[Tier], step: int | None = None, *,
+                          max_parallel: int = 8, world_size: int = 1,
+                          select: Callable[[str], bool] | None = None
+                          ) -> LoadedCheckpoint | None:
+    """Read the newest committed checkpoint (or ``step``) as it was stored by one process (or
+    one rank: its own shard). None when nothing is committed.
+
+    A checkpoint saved with another ``world_size`` is an error naming both sizes. With
+    ``select``, only tensors whose path it accepts are read; the others are left as tensors
+    on the meta device."""
+    found = await steps_by_tier(tiers)
+    if step is None:
+        if not found:
+            return None
+        step = max(found)
+    elif step not in found:
+        raise RestoreError(f"step {step} is not committed on any tier "
+                           f"(committed: {sorted(found) or 'none'})")
+    copies = await verified_copies(found[step], step)
     reference = copies[0][1]
     if reference.world_size != world_size:
         raise world_size_error(step, reference.world_size, world_size)
-    wanted = [i for i, m in enumerate(reference.tensors) if select is None or select(m.path)]
-    try:
-        tensors = [empty_tensor(m) if select is None or select(m.path)
-                   else torch.empty(m.shape, dtype=dtype_from_name(m.dtype), device="meta")
-                   for m in reference.tensors]
-    except (RuntimeError, MemoryError) as e:  # a manifest may claim more than memory holds
-        raise RestoreError(f"step {step}: cannot allocate the {reference.nbytes} bytes of "
-                           f"tensors its manifest lists: {e}") from None
     sources: dict[str, int] = {}
-    sem = asyncio.Semaphore(max_parallel)
-    pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="asymcheck-decode")
-    bases: dict[tuple[int, str], asyncio.Future[memoryview]] = {}
-
-    async def read_base(base_step: int, meta: TensorMeta) -> memoryview:
-        key = (base_step, meta.path)
-        if key not in bases:
-            bases[key] = asyncio.ensure_future(
-                read_base_tensor(found.get(base_step, []), base_step, meta, pool))
-        return await bases[key]
-
-    async def fetch(i: int) -> None:
-        tried = []
-        async with sem:
-            for tier, man in copies:
-                try:
-                    await read_tensor(tier, step, man.tensors[i], tensors[i], base=read_base,
-                                      executor=pool, locate=man.locate)
-                except Exception as e:
-                    tried.append(f"{tier.name} ({e})")
-                    log.warning("step %d: %s unreadable on %s, trying the next tier: %s",
-                                step, man.tensors[i].path, tier.name, e)
-                    continue
-                sources[tier.name] = sources.get(tier.name, 0) + 1
-                return
-        raise RestoreError(f"step {step}: no good copy of tensor {reference.tensors[i].path!r}; "
-                           f"tried {', '.join(tried)}")
-
+    pool = decode_pool()
     try:
-        tier, man = copies[0]
-        if tier.capabilities.in_memory:  # shared memory: raw tensors in bulk, off the loop
-            done = await _read_raw_in_bulk(cast(HostTier, tier), step, man, tensors, wanted)
-            if done:
-                sources[tier.name] = len(done)
-                wanted = [i for i in wanted if i not in done]
-        await gather_or_cancel(fetch(i) for i in wanted)
+        tensors = await CopyReader(step, copies, pool, sources).read_all(select, max_parallel)
     finally:
         pool.shutdown(wait=True)
     state = unflatten(unpack_skeleton(reference.objects), tensors)

@@ -27,8 +27,10 @@ from .handle import SaveHandle
 from .layout import data_name, new_save_id, step_dir, step_key
 from .partition import BackwardPolicy, ForwardPolicy, PartitionPlan, make_plan
 from .profile import Profiler, WindowTracker
+from .sharding import local_tensor
 from .snapshot import AsymSnapshot, Copier, CudaCopier, Layout, block_tensor, copy_into, copy_slot
 from .state import capture_rng, flatten, pack_skeleton
+from .statedict import MODEL, OPTIMIZERS, model_state, optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +99,11 @@ class Stager:
         started = time.perf_counter()
         step_dir(step)  # validates
         state = {
-            "model": None if "model" in skipped else
-            self.model.state_dict() if self.model is not None else {},
-            "optimizers": None if "optimizers" in skipped else
-            [o.state_dict() for o in self.optimizers],
+            MODEL: None if MODEL in skipped else
+            model_state(self.model) if self.model is not None else {},
+            OPTIMIZERS: None if OPTIMIZERS in skipped else
+            [optimizer_state(self.model, o) for o in self.optimizers] if self.model is not None
+            else [],
             "extras": {name: None if name in skipped else obj.state_dict()
                        for name, obj in self.extras.items()},
             "rng": capture_rng(),
@@ -119,10 +122,11 @@ class Stager:
         RNG and extras change elsewhere and are copied at save time."""
         owned: set[tuple[int, int]] = set()
         if self.model is not None:
-            owned.update((p.data_ptr(), p.nbytes) for p in self.model.parameters())
+            owned.update((p.data_ptr(), p.nbytes)
+                         for p in map(local_tensor, self.model.parameters()))
         for opt in self.optimizers:
             for st in opt.state.values():
-                owned.update((v.data_ptr(), v.nbytes) for v in st.values()
+                owned.update((v.data_ptr(), v.nbytes) for v in map(local_tensor, st.values())
                              if isinstance(v, torch.Tensor))
         return [i for i, t in enumerate(tensors)
                 if t.nbytes and t.is_contiguous() and (t.data_ptr(), t.nbytes) in owned]

@@ -8,7 +8,7 @@ Nothing is ever pickled: an unknown type is an error that names its path.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +16,13 @@ import msgpack
 import numpy as np
 import torch
 
+from . import sharding
+from .sharding import ShardRef
+
 _EXT_TENSOR = 1
 _EXT_TUPLE = 2
 _EXT_NDARRAY = 3
+_EXT_SHARD = 4
 
 #: dtypes a checkpoint may hold; the manifest stores the name on the left.
 DTYPES: dict[str, torch.dtype] = {
@@ -65,18 +69,36 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def flatten(state: Any) -> FlatState:
-    """Split ``state`` into a skeleton and its tensor leaves (depth first, stable order)."""
+    """Split ``state`` into a skeleton and its tensor leaves (depth first, stable order).
+
+    A tensor reached under several paths (tied weights) is one leaf, stored under its first
+    path. A sharded tensor (DTensor) is its local chunk and a ``ShardRef`` (see ``sharding``).
+    """
     paths: list[str] = []
     tensors: list[torch.Tensor] = []
+    seen: dict[tuple[Any, ...], int] = {}
+
+    def leaf(t: torch.Tensor, path: str) -> int:
+        if t.is_sparse or t.layout != torch.strided:
+            raise TypeError(f"{path}: only dense (strided) tensors can be checkpointed")
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if t.numel() and key in seen:
+            return seen[key]
+        paths.append(path)
+        tensors.append(t.detach() if t.requires_grad else t)
+        if t.numel():
+            seen[key] = len(tensors) - 1
+        return len(tensors) - 1
 
     def walk(obj: Any, path: str) -> Any:
         if isinstance(obj, torch.Tensor):
-            dtype_name(obj.dtype)
-            if obj.is_sparse or obj.layout != torch.strided:
-                raise TypeError(f"{path}: only dense (strided) tensors can be checkpointed")
-            paths.append(path)
-            tensors.append(obj.detach() if obj.requires_grad else obj)
-            return TensorRef(len(tensors) - 1)
+            name = dtype_name(obj.dtype)
+            if sharding.is_sharded(obj):
+                local = sharding.local_tensor(obj)
+                offsets, sizes = sharding.local_box(obj)
+                index = leaf(local, path) if sharding.writes_chunk(obj) else -1
+                return ShardRef(index, name, tuple(obj.shape), offsets, sizes)
+            return TensorRef(leaf(obj, path))
         if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
             return obj
         if isinstance(obj, np.ndarray):
@@ -102,26 +124,57 @@ def flatten(state: Any) -> FlatState:
     return FlatState(skeleton, tuple(paths), tuple(tensors))
 
 
-def unflatten(skeleton: Any, tensors: Sequence[torch.Tensor]) -> Any:
-    def walk(obj: Any) -> Any:
+def unflatten(skeleton: Any, tensors: Sequence[torch.Tensor],
+              shard: Callable[[str, ShardRef], Any] | None = None,
+              plain: Callable[[str, torch.Tensor], Any] | None = None) -> Any:
+    """Put the tensor leaves back into ``skeleton``. ``shard(path, ref)`` gives the value of a
+    sharded leaf (default: the stored local chunk), ``plain(path, tensor)`` may replace a plain
+    one; paths are those ``flatten`` gave."""
+    def tensor(index: int) -> torch.Tensor:
+        if not 0 <= index < len(tensors):
+            raise ValueError(f"checkpoint skeleton refers to missing tensor {index}")
+        return tensors[index]
+
+    def walk(obj: Any, path: str) -> Any:
         if isinstance(obj, TensorRef):
-            if not 0 <= obj.index < len(tensors):
-                raise ValueError(f"checkpoint skeleton refers to missing tensor {obj.index}")
-            return tensors[obj.index]
+            return tensor(obj.index) if plain is None else plain(path, tensor(obj.index))
+        if isinstance(obj, ShardRef):
+            return tensor(obj.index) if shard is None else shard(path, obj)
         if isinstance(obj, dict):
-            return {k: walk(v) for k, v in obj.items()}
+            return {k: walk(v, f"{path}/{k}" if path else str(k)) for k, v in obj.items()}
         if isinstance(obj, list):
-            return [walk(v) for v in obj]
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(obj)]
         if isinstance(obj, tuple):
-            return tuple(walk(v) for v in obj)
+            return tuple(walk(v, f"{path}/{i}") for i, v in enumerate(obj))
         return obj
 
-    return walk(skeleton)
+    return walk(skeleton, "")
+
+
+def leaves(skeleton: Any) -> list[tuple[str, TensorRef | ShardRef]]:
+    """Every tensor placeholder of ``skeleton`` with its path (as ``flatten`` names it)."""
+    out: list[tuple[str, TensorRef | ShardRef]] = []
+
+    def walk(obj: Any, path: str) -> None:
+        if isinstance(obj, (TensorRef, ShardRef)):
+            out.append((path, obj))
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{path}/{k}" if path else str(k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{path}/{i}")
+
+    walk(skeleton, "")
+    return out
 
 
 def _default(obj: Any) -> msgpack.ExtType:
     if isinstance(obj, TensorRef):
         return msgpack.ExtType(_EXT_TENSOR, obj.index.to_bytes(4, "big"))
+    if isinstance(obj, ShardRef):
+        return msgpack.ExtType(_EXT_SHARD, msgpack.packb(
+            [obj.index, obj.dtype, list(obj.global_shape), list(obj.offsets), list(obj.sizes)]))
     if isinstance(obj, tuple):
         return msgpack.ExtType(_EXT_TUPLE, pack_skeleton(list(obj)))
     if isinstance(obj, np.ndarray):
@@ -140,6 +193,8 @@ def _ext_hook(code: int, data: bytes) -> Any:
         return TensorRef(int.from_bytes(data, "big"))
     if code == _EXT_TUPLE:
         return tuple(unpack_skeleton(data))
+    if code == _EXT_SHARD:
+        return _shard_ref(msgpack.unpackb(data))
     if code == _EXT_NDARRAY:
         dtype_str, shape, raw = msgpack.unpackb(data)
         dtype = np.dtype(dtype_str)
@@ -147,6 +202,19 @@ def _ext_hook(code: int, data: bytes) -> Any:
             raise ValueError("object arrays are not allowed in a checkpoint")
         return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
     raise ValueError(f"unknown extension type {code} in checkpoint skeleton")
+
+
+def _shard_ref(fields: Any) -> ShardRef:
+    """A ShardRef read back, checked: a chunk inside its global shape, of a known dtype."""
+    index, dtype, shape, offsets, sizes = fields
+    dims = [*shape, *offsets, *sizes]
+    if (not isinstance(index, int) or index < -1 or not isinstance(dtype, str)
+            or not all(isinstance(d, int) and d >= 0 for d in dims)
+            or not len(shape) == len(offsets) == len(sizes)
+            or any(o + n > g for o, n, g in zip(offsets, sizes, shape, strict=True))):
+        raise ValueError(f"bad sharded tensor reference in checkpoint skeleton: {fields!r}")
+    dtype_from_name(dtype)
+    return ShardRef(index, dtype, tuple(shape), tuple(offsets), tuple(sizes))
 
 
 def pack_skeleton(skeleton: Any) -> bytes:

@@ -25,11 +25,9 @@ from ._loop import Steps
 from .handle import SaveHandle
 from .manifest import committed_steps
 from .policy import Policy
-from .restore import LoadedCheckpoint, load_checkpoint
+from .reshard import Targets, load_single
+from .restore import LoadedCheckpoint
 from .retention import delete_step, needed_bases, plan_deletions
-
-#: what ``replicated`` may name besides the extras
-REPLICABLE = ("model", "optimizers")
 
 
 class Topology(Protocol):
@@ -65,9 +63,10 @@ class Topology(Protocol):
                      cache: MutableMapping[int, list[int]]) -> None:
         """Apply retention to ``tier`` (``retention.plan_deletions``)."""
 
-    def restore(self, tiers: Sequence[Tier], step: int | None
+    def restore(self, tiers: Sequence[Tier], step: int | None, targets: Targets | None
                 ) -> Steps[LoadedCheckpoint | None]:
-        """Load the newest checkpoint every process can read (or ``step``)."""
+        """Load the newest checkpoint every process can read (or ``step``), each process its
+        part of it placed like ``targets`` (None: whole tensors, as saved)."""
 
     async def stop(self) -> None:
         """Finish the commits in flight."""
@@ -82,6 +81,9 @@ class SingleProcess:
     rank = 0
     world_size = 1
     local_ranks = 1
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
 
     def open_tiers(self, policy: Policy) -> dict[str, Tier]:
         return {tp.name: open_tier(tp.url, name=tp.name, capacity_bytes=tp.capacity_bytes,
@@ -120,9 +122,9 @@ class SingleProcess:
             await delete_step(tier, s)
             cache.pop(s, None)
 
-    def restore(self, tiers: Sequence[Tier], step: int | None
+    def restore(self, tiers: Sequence[Tier], step: int | None, targets: Targets | None
                 ) -> Steps[LoadedCheckpoint | None]:
-        loaded: LoadedCheckpoint | None = yield load_checkpoint(tiers, step)
+        loaded: LoadedCheckpoint | None = yield load_single(self.policy, tiers, step, targets)
         return loaded
 
     async def stop(self) -> None:
@@ -139,6 +141,6 @@ def make_topology(policy: Policy, *, replicated: Sequence[str], timeout_s: float
     from . import ranks  # torch.distributed is imported only where it is used
 
     if not ranks.active():
-        return SingleProcess()
+        return SingleProcess(policy)
     return ranks.Ranks(policy, replicated=replicated, timeout_s=timeout_s, loop=loop, job=job,
                        on_global=on_global, on_error=on_error)

@@ -44,8 +44,23 @@ def train_steps(model: TinyNet, opt: torch.optim.Optimizer, sched: Any, n: int) 
         sched.step()
 
 
+def model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """A model's state as checkpoints hold it: keyed by parameter name, wrappers' prefixes
+    (DistributedDataParallel's ``module.``) removed."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model)
+
+
+def opt_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer's state as checkpoints hold it: keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt)
+
+
 def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any]:
-    return copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(),
+    return copy.deepcopy({"model": model.state_dict(), "opt": opt_state(model, opt),
                           "sched": sched.state_dict()})
 
 

@@ -125,7 +125,7 @@ def test_inspect_shows_tensors_files_plan_and_codec_decisions(
     assert out.startswith(f"step 2 on local ({local.as_uri()})")
     weight = next(line for line in out.splitlines() if "model/body.0.weight" in line).split()
     assert weight[1:4] == ["float32", "[32,", "32]"] and weight[-2:] == ["1", "raw"]
-    assert "optimizers/0/state/0/exp_avg" in out and "rng/torch" in out
+    assert "optimizers/0/state/body.0.weight/exp_avg" in out and "rng/torch" in out
     m = local_manifest(local, 2)
     assert f"  {m.files[0].key}" in out and "partitions" not in out
 

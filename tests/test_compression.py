@@ -14,7 +14,7 @@ import torch
 import asymcheck
 from asymcheck.costmodel import CostModel, LinearFit
 from asymcheck.manifest import Manifest
-from tests._util import assert_same, load_from
+from tests._util import assert_same, load_from, opt_state
 from tiers.registry import open_tier
 
 
@@ -66,7 +66,7 @@ def _run(policy: Path, saves: int) -> dict[int, dict[str, Any]]:
         for step in range(saves):
             _train(model, opt, step)
             expected[step] = copy.deepcopy({"model": model.state_dict(),
-                                            "opt": opt.state_dict()})
+                                            "opt": opt_state(model, opt)})
             ckpt.save_sync(step).wait_all_sync(60)
     return expected
 

@@ -16,7 +16,7 @@ import torch
 
 import asymcheck
 from asymcheck.snapshot import pin_memory
-from tests._util import assert_same
+from tests._util import assert_same, opt_state
 from tiers.host import HostTier
 
 pytestmark = [
@@ -42,7 +42,7 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> Non
 
 
 def _state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    return copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+    return copy.deepcopy({"model": model.state_dict(), "opt": opt_state(model, opt)})
 
 
 def test_pinned_host_block_is_page_locked_until_unregistered() -> None:

@@ -21,7 +21,7 @@ import torch
 import asymcheck
 from asymcheck.layout import host_shard_url, manifest_key, shard_manifest_key
 from asymcheck.manifest import Manifest
-from tests._util import assert_same
+from tests._util import assert_same, model_state, opt_state
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -64,7 +64,7 @@ def _ddp_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any) ->
 def _state(model: torch.nn.Module, opts: list[torch.optim.Optimizer], sched: Any = None
            ) -> dict[str, Any]:
     import copy
-    return copy.deepcopy({"model": model.state_dict(), "opts": [o.state_dict() for o in opts],
+    return copy.deepcopy({"model": model_state(model), "opts": [opt_state(model, o) for o in opts],
                           "sched": sched.state_dict() if sched is not None else None})
 
 

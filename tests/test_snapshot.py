@@ -18,7 +18,7 @@ import asymcheck
 from asymcheck.partition import Piece, make_plan, share_bytes
 from asymcheck.profile import BACKWARD, FORWARD, Profile, Window
 from asymcheck.restore import load_checkpoint
-from tests._util import assert_same
+from tests._util import assert_same, model_state, opt_state
 from tiers.registry import open_tier
 
 transformers.logging.set_verbosity_error()
@@ -100,7 +100,8 @@ def run_and_check(build: Callable[[], tuple[torch.nn.Module, Callable[[int], tor
                 (loss_fn(step * accumulate + micro) / accumulate).backward()
             opt.step()
             opt.zero_grad()
-            expected[step] = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
+            expected[step] = copy.deepcopy({"model": model_state(model),
+                                            "opt": opt_state(model, opt)})
             handles.append(ckpt.save_sync(step))
         for h in handles:
             h.staged.wait(60)

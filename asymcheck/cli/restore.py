@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,10 @@ from tiers.base import Tier
 
 from ..errors import RestoreError, UsageError
 from ..manifest import Manifest, read_manifest
+from ..reshard import Placer, has_shards
 from ..restore import LoadedCheckpoint, load_checkpoint, steps_by_tier
 from ._output import EXIT_OK, fmt_bytes
-from ._ranks import read_shard, shard_records
+from ._ranks import shard_records
 from ._tiers import Session, first_readable_manifest, missing_dir, run_with_tiers
 
 Meta = dict[str, int]
@@ -128,29 +129,9 @@ EXPORTED = {".pt": ("model", "optimizers"), ".safetensors": ("model",), "hf": ("
 FORMATS = {"pt": ".pt", "safetensors": ".safetensors", "hf": "hf"}
 
 
-async def rank0_shards(session: Session, holders: Sequence[Tier], step: int) -> list[Tier]:
-    """Rank 0's shard of ``step`` on each tier where it is the one the global manifest
-    records, fastest first."""
-    shards, problems = [], []
-    for tier in holders:
-        try:
-            m = await read_manifest(tier, step)
-            shard = session.shard(tier, 0)
-            if shard is None:
-                raise FileNotFoundError("rank 0's shared-memory directory is not on this host")
-            await read_shard(shard, step, shard_records(m)[0], m.world_size)
-        except Exception as e:
-            problems.append(f"{tier.name}: {e}")
-            continue
-        shards.append(shard)
-    if not shards:
-        raise RestoreError(f"step {step}: no tier holds a good copy of rank 0's shard "
-                           f"({'; '.join(problems)})")
-    return shards
-
-
 async def load(session: Session, step: int | None) -> tuple[LoadedCheckpoint, Manifest]:
-    """The checkpoint (rank 0's shard of a multi-rank one) and a global manifest of it."""
+    """The checkpoint and a (global) manifest of it. Of a multi-rank checkpoint: sharded tensors
+    whole, put together from every rank's shard; the other state from rank 0's shard."""
     present = [t for t in session.tiers if missing_dir(t) is None]
     found = await steps_by_tier(present)
     if step is None and not found:
@@ -163,18 +144,32 @@ async def load(session: Session, step: int | None) -> tuple[LoadedCheckpoint, Ma
     _, m = await first_readable_manifest(found[step], step)
     if m.world_size == 1:
         loaded = await load_checkpoint(found[step], step)
-    else:
-        shards = await rank0_shards(session, found[step], step)
-        loaded = await load_checkpoint(shards, step, world_size=m.world_size)
-    assert loaded is not None
+        assert loaded is not None
+        return loaded, m
+    digests: dict[str, list[int]] = {}
+    for tier in found[step]:
+        with contextlib.suppress(Exception):
+            global_manifest = await read_manifest(tier, step)
+            digests[tier.name] = [r.xxh64 for r in shard_records(global_manifest)]
+
+    def views(rank: int) -> list[Tier]:
+        shards = (session.shard(t, rank) for t in found[step] if t.name in digests)
+        return [t for t in shards if t is not None]
+
+    loaded = await Placer(step, m.world_size, views, rank=0, world=1, targets=None,
+                          digests=digests).load()
     return loaded, m
 
 
-def shard_note(target: Path, m: Manifest, fmt: str) -> str:
+def shard_note(target: Path, m: Manifest, fmt: str, sharded: bool) -> str:
     """What of a multi-rank checkpoint the file holds."""
     replicated = m.info.get("replicated") or []
     parts = [f"{name}: {'whole (replicated)' if name in replicated else 'rank 0 only'}"
              for name in EXPORTED[fmt]]
+    if sharded:
+        return (f"step {m.step} was saved by {m.world_size} ranks: {target.name} holds its "
+                "sharded tensors whole, put together from every rank's shard, and rank 0's "
+                "other state")
     return (f"step {m.step} was saved by {m.world_size} ranks: {target.name} holds rank 0's "
             f"shard ({'; '.join(parts)})")
 
@@ -235,5 +230,5 @@ def cmd_restore(args: argparse.Namespace) -> int:
     print(f"wrote {target}: step {loaded.step}, {count} tensors, "
           f"{fmt_bytes(size)} (tensors read from {sources or 'no tier'})")
     if m.world_size > 1:
-        print(shard_note(target, m, fmt))
+        print(shard_note(target, m, fmt, has_shards(loaded.manifest)))
     return EXIT_OK
