@@ -30,7 +30,7 @@ from .profile import Profiler, WindowTracker
 from .sharding import local_tensor
 from .snapshot import AsymSnapshot, Copier, CudaCopier, Layout, block_tensor, copy_into, copy_slot
 from .state import capture_rng, flatten, pack_skeleton
-from .statedict import MODEL, OPTIMIZERS, model_state, optimizer_state
+from .statedict import MODEL, OPTIMIZERS, Capture
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class Stager:
                  forward: ForwardPolicy, backward: BackwardPolicy, min_partition_bytes: int,
                  max_partition_bytes: int | None, chunk_bytes: int) -> None:
         self.model, self.optimizers, self.extras = model, list(optimizers), dict(extras)
+        self._capture = Capture(model) if model is not None else None
         self.mode = mode
         self.chunk_bytes = chunk_bytes
         self._plan_options: dict[str, Any] = {
@@ -100,10 +101,10 @@ class Stager:
         step_dir(step)  # validates
         state = {
             MODEL: None if MODEL in skipped else
-            model_state(self.model) if self.model is not None else {},
+            self._capture.model_state() if self._capture is not None else {},
             OPTIMIZERS: None if OPTIMIZERS in skipped else
-            [optimizer_state(self.model, o) for o in self.optimizers] if self.model is not None
-            else [],
+            [self._capture.optimizer_state(o) for o in self.optimizers]
+            if self._capture is not None else [],
             "extras": {name: None if name in skipped else obj.state_dict()
                        for name, obj in self.extras.items()},
             "rng": capture_rng(),

@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 
 import asymcheck
 from tests._lightning_job import TinyModule, loader, make_trainer
-from tests._util import assert_same, load_from
+from tests._util import assert_same, load_from, opt_state
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "tests" / "_lightning_job.py"
@@ -91,7 +91,7 @@ class _Copies(pl.Callback):
             self.handles[h.step] = h
             self.copies[h.step] = copy.deepcopy({
                 "model": pl_module.state_dict(),
-                "optimizers": [trainer.optimizers[0].state_dict()],
+                "optimizers": [opt_state(pl_module, trainer.optimizers[0])],
                 "lr_scheduler.0": trainer.lr_scheduler_configs[0].scheduler.state_dict()})
 
 

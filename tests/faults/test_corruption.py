@@ -185,7 +185,7 @@ def test_no_good_copy_anywhere_fails_with_restore_error_and_changes_nothing(
         saved: Saved, damage: str, fault_stats: FaultStats) -> None:
     rng = random.Random(damage)
     host, local = saved.roots["host"], saved.roots["local"]
-    tensor = "optimizers/0/state/0/exp_avg"  # the same tensor on both tiers
+    tensor = "optimizers/0/state/body.0.weight/exp_avg"  # the same tensor on both tiers
     if damage == "manifest+manifest":
         (local / manifest_key(STEP)).write_bytes(b"")
         (host / manifest_key(STEP)).write_bytes((host / manifest_key(STEP)).read_bytes()[:7])
