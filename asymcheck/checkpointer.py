@@ -22,6 +22,7 @@ import torch
 
 from tiers.host import HostTier
 
+from . import dcpinterop
 from ._loop import LoopThread, Steps, drive, drive_async
 from .commit import Committer
 from .errors import CheckpointError
@@ -60,6 +61,9 @@ class Checkpointer:
 
     ``policy`` is a path to a TOML policy file, a ``Policy``, or None for the
     embedded default (host shared memory + ``./checkpoints``).
+
+    Model and optimizer state are saved by parameter name (``statedict``); DTensors (FSDP2,
+    HSDP, tensor parallel) as each rank's local chunk and its place (``sharding``).
 
     When torch.distributed runs with more than one rank, every rank saves its own shard and a
     checkpoint commits on a tier once every rank's shard is durable there (see ``ranks``);
@@ -149,15 +153,31 @@ class Checkpointer:
 
     async def restore(self, step: int | None = None) -> int | None:
         """Load the newest committed checkpoint (or ``step``); None when nothing is committed.
-        With several ranks every rank calls it, and all restore the same step."""
+        With several ranks every rank calls it, and all restore the same step. Sharded state
+        (FSDP2, tensor parallel: DTensors) restores at any world size and placement, each rank
+        reading only the parts of the saved shards its own part overlaps (``reshard``)."""
         return self._apply(await drive_async(self._loop, self._load(step)))
 
     def restore_sync(self, step: int | None = None) -> int | None:
         return self._apply(drive(self._loop, self._load(step)))
 
+    def restore_dcp(self, path: str | os.PathLike[str]) -> None:
+        """Fill the model and optimizers from the torch Distributed Checkpoint (DCP) directory
+        ``path``, laid out as ``{"model": ..., "optim": ...}`` (optimizer ``i`` >= 1 under
+        ``"optim_<i>"``; one the checkpoint lacks stays as constructed), e.g. to start a run
+        from a checkpoint written by ``torch.distributed.checkpoint.save``. With several ranks
+        every rank calls it; DCP reshards (FSDP2 and tensor-parallel models included). Raises
+        ``RestoreError`` when ``path`` is not a DCP checkpoint or does not match the model."""
+        if self.model is None:
+            raise ValueError("restore_dcp fills the model and optimizers: this Checkpointer "
+                             "has no model")
+        self._stager.finish_pending()
+        dcpinterop.restore_dcp(path, self.model, self.optimizers)
+
     async def load(self, step: int | None = None) -> LoadedCheckpoint | None:
-        """Read a checkpoint without applying it (inspection, export); with several ranks,
-        this rank's shard (replicated state included), and every rank calls it."""
+        """Read a checkpoint without applying it (inspection, export): model state keyed by
+        parameter name and placed like this Checkpointer's model (whole tensors without one);
+        with several ranks, every rank calls it."""
         return await drive_async(self._loop, self._load(step))
 
     def load_sync(self, step: int | None = None) -> LoadedCheckpoint | None:

@@ -190,8 +190,11 @@ class Placer:
         if self.targets is not None:
             self._check_keys(state)
         placed = await self._place(state)
+        shards = [f.result() for f in self._shards.values()
+                  if f.done() and not f.cancelled() and f.exception() is None]
         return LoadedCheckpoint(step=self.step, state=placed, manifest=primary.manifest,
-                                sources=self.sources)
+                                sources=self.sources,
+                                read_bytes=sum(s.reader.read_bytes for s in shards))
 
     async def _read(self, shard: _Shard, found: Sequence[tuple[str, Any]]) -> Any:
         """``shard``'s state with the tensors of ``found`` read: plain ones, and sharded chunks

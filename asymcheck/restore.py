@@ -52,7 +52,8 @@ class LoadedCheckpoint:
     step: int
     state: Any
     manifest: Manifest
-    sources: dict[str, int]  # tier name -> tensors read from it
+    sources: dict[str, int]  # tier name -> tensors (or parts of tensors) read from it
+    read_bytes: int = 0  # tensor bytes read from the tiers
 
 
 async def steps_by_tier(tiers: Sequence[Tier]) -> dict[int, list[Tier]]:
@@ -308,6 +309,7 @@ class CopyReader:
         self.manifest = self.copies[0][1]
         self.pool = pool
         self.sources = sources
+        self.read_bytes = 0
         self._found: dict[int, list[Tier]] | None = None
         self._bases: dict[tuple[int, str], asyncio.Future[memoryview]] = {}
 
@@ -346,6 +348,7 @@ class CopyReader:
                             self.step, meta.path, tier.name, e)
                 continue
             self.sources[tier.name] = self.sources.get(tier.name, 0) + 1
+            self.read_bytes += meta.nbytes if byte_range is None else hi - lo
             return
         what = self.manifest.tensors[index].path
         if byte_range is not None:
@@ -370,6 +373,7 @@ class CopyReader:
             done = await _read_raw_in_bulk(cast(HostTier, tier), self.step, man, tensors, wanted)
             if done:
                 self.sources[tier.name] = self.sources.get(tier.name, 0) + len(done)
+                self.read_bytes += sum(man.tensors[i].nbytes for i in done)
                 wanted = [i for i in wanted if i not in done]
         sem = asyncio.Semaphore(max_parallel)
 
@@ -409,9 +413,11 @@ async def load_checkpoint(tiers: Sequence[Tier], step: int | None = None, *,
         raise world_size_error(step, reference.world_size, world_size)
     sources: dict[str, int] = {}
     pool = decode_pool()
+    reader = CopyReader(step, copies, pool, sources)
     try:
-        tensors = await CopyReader(step, copies, pool, sources).read_all(select, max_parallel)
+        tensors = await reader.read_all(select, max_parallel)
     finally:
         pool.shutdown(wait=True)
     state = unflatten(unpack_skeleton(reference.objects), tensors)
-    return LoadedCheckpoint(step=step, state=state, manifest=reference, sources=sources)
+    return LoadedCheckpoint(step=step, state=state, manifest=reference, sources=sources,
+                            read_bytes=reader.read_bytes)

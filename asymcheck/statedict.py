@@ -32,7 +32,7 @@ OPTIMIZERS = "optimizers"
 REPLICABLE = (MODEL, OPTIMIZERS)
 
 
-def _torch_optimizer(opt: Any) -> torch.optim.Optimizer:
+def torch_optimizer(opt: Any) -> torch.optim.Optimizer:
     """The torch optimizer behind a framework's wrapper (one with an ``optimizer`` attribute)."""
     inner = opt
     while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
@@ -47,7 +47,7 @@ def model_state(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def optimizer_state(model: torch.nn.Module, opt: Any) -> dict[str, Any] | None:
-    optim = _torch_optimizer(opt)
+    optim = torch_optimizer(opt)
     if not optim.state:
         return None
     return get_optimizer_state_dict(model, optim)
@@ -85,7 +85,7 @@ class Capture:
         return {self._model_names[k]: v for k, v in plain.items()}
 
     def optimizer_state(self, opt: Any) -> dict[str, Any] | None:
-        optim = _torch_optimizer(opt)
+        optim = torch_optimizer(opt)
         if not optim.state:
             return None
         params = [id(p) for g in optim.param_groups for p in g["params"]]
@@ -137,7 +137,7 @@ def apply_model(model: torch.nn.Module, sd: dict[str, Any]) -> None:
 
 def apply_optimizer(model: torch.nn.Module, opt: Any, sd: dict[str, Any] | None) -> None:
     """Load optimizer state captured by ``optimizer_state``."""
-    optim = _torch_optimizer(opt)
+    optim = torch_optimizer(opt)
     if sd is None:
         optim.state.clear()
     else:

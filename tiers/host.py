@@ -87,6 +87,10 @@ POOL_STALE_AFTER = 16
 #: Reads smaller than this copy on the event loop; a thread hop would cost more.
 _THREAD_COPY_BYTES = 1 << 20
 _CREATE_TRIES = 3
+# Map every page at mmap time (Linux): one call fills the page tables, where touching each page
+# would take a minor fault per 4 KiB. A 280 MiB block is copied into at 5-10 GB/s instead of
+# 0.5 GB/s, and the mapping is made where the block is reserved, off the copying thread.
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 class HostBlock:
@@ -408,7 +412,7 @@ class HostTier(Tier):
                     # Allocate the pages now: a full tmpfs then fails here with ENOSPC
                     # instead of killing the process with SIGBUS on first write.
                     os.posix_fallocate(fd, 0, nbytes)
-            return mmap.mmap(fd, nbytes) if nbytes else None
+            return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | _POPULATE) if nbytes else None
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -645,7 +649,7 @@ def _map_readonly(path: Path) -> mmap.mmap | None:
             raise IsADirectoryError(errno.EISDIR, "not a key", str(path))
         if st.st_size == 0:
             return None
-        return mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
+        return mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
 

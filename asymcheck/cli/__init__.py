@@ -105,15 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     ver.set_defaults(func=cmd_verify)
 
     res = sub.add_parser("restore", parents=[common],
-                         help="export a checkpoint to a .pt or .safetensors file, or a "
-                         "Hugging Face model folder")
+                         help="export a checkpoint to a .pt or .safetensors file, a "
+                         "Hugging Face model folder, or a torch Distributed Checkpoint")
     res.add_argument("step", type=step_arg, metavar="STEP", help="step number or 'latest'")
     res.add_argument("--to", required=True, metavar="FILE",
                      help="FILE.pt (model + optimizers + step) or FILE.safetensors (model); "
-                     "of a multi-rank checkpoint, rank 0's shard; with --format hf a folder")
-    res.add_argument("--format", choices=("pt", "safetensors", "hf"), default=None,
+                     "of a multi-rank checkpoint, rank 0's shard; with --format hf or dcp a "
+                     "folder")
+    res.add_argument("--format", choices=("pt", "safetensors", "hf", "dcp"), default=None,
                      help="pt | safetensors | hf (a from_pretrained folder: model.safetensors "
-                     "+ config.json); default: from the suffix of FILE")
+                     "+ config.json) | dcp (a torch.distributed.checkpoint folder: model + "
+                     "optim + step); default: from the suffix of FILE")
     res.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     res.set_defaults(func=cmd_restore)
 

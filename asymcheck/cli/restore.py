@@ -1,7 +1,9 @@
-"""``asymcheck restore``: export one checkpoint to a ``.pt`` or ``.safetensors`` file, or to a
+"""``asymcheck restore``: export one checkpoint to a ``.pt`` or ``.safetensors`` file, to a
 Hugging Face model folder (``--format hf``: ``model.safetensors`` + ``config.json``, which
 ``AutoModel*.from_pretrained(DIR)`` loads; the config comes from the checkpoint's ``hf_config``
-extra, which the transformers integration saves).
+extra, which the transformers integration saves), or to a torch Distributed Checkpoint folder
+(``--format dcp``: ``{"model", "optim", "step"}``, which ``torch.distributed.checkpoint.load``
+reads; see ``asymcheck.dcpinterop``).
 
 Each tensor is read from the fastest tier with a good copy (``asymcheck.restore``). A
 multi-rank checkpoint is exported from rank 0's shard, read on the tiers where it is the shard
@@ -25,6 +27,7 @@ import torch
 
 from tiers.base import Tier
 
+from ..dcpinterop import METADATA_FILE, dcp_state, save_dcp
 from ..errors import RestoreError, UsageError
 from ..manifest import Manifest, read_manifest
 from ..reshard import Placer, has_shards
@@ -121,12 +124,28 @@ def export_hf(state: dict[str, Any], step: int, path: Path, meta: Meta | None = 
     return count
 
 
+def export_dcp(state: dict[str, Any], step: int, path: Path, meta: Meta | None = None) -> int:
+    """A torch Distributed Checkpoint folder (``.metadata`` + ``__0_0.distcp``) holding
+    ``{"model": ..., "optim": ..., "step": N}``: the first optimizer's state as ``optim``,
+    optimizer ``i`` >= 1 as ``optim_<i>``, none for one that had not stepped (see
+    ``asymcheck.dcpinterop``); of a multi-rank export also ``rank`` and ``world_size``."""
+    doc = dcp_state({**state, "step": step}, meta)
+    try:
+        save_dcp(doc, path)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e}") from None
+    return sum(1 for _ in iter_tensors(doc))
+
+
 EXPORTERS: dict[str, Callable[[dict[str, Any], int, Path, Meta | None], int]] = {
-    ".pt": export_pt, ".safetensors": export_safetensors, "hf": export_hf}
+    ".pt": export_pt, ".safetensors": export_safetensors, "hf": export_hf, "dcp": export_dcp}
 #: what each format holds of a checkpoint's state
-EXPORTED = {".pt": ("model", "optimizers"), ".safetensors": ("model",), "hf": ("model",)}
+EXPORTED = {".pt": ("model", "optimizers"), ".safetensors": ("model",), "hf": ("model",),
+            "dcp": ("model", "optimizers")}
 #: ``--format`` names
-FORMATS = {"pt": ".pt", "safetensors": ".safetensors", "hf": "hf"}
+FORMATS = {"pt": ".pt", "safetensors": ".safetensors", "hf": "hf", "dcp": "dcp"}
+#: formats written as a folder
+FOLDERS = ("hf", "dcp")
 
 
 async def load(session: Session, step: int | None) -> tuple[LoadedCheckpoint, Manifest]:
@@ -175,34 +194,48 @@ def shard_note(target: Path, m: Manifest, fmt: str, sharded: bool) -> str:
 
 
 def check_target(args: argparse.Namespace) -> tuple[Path, str]:
-    """The target and its format (``.pt``, ``.safetensors`` or ``hf``)."""
+    """The target and its format (``.pt``, ``.safetensors``, ``hf`` or ``dcp``)."""
     target = Path(args.to)
     fmt = FORMATS[args.format] if getattr(args, "format", None) else target.suffix
     if fmt not in EXPORTERS:
         raise UsageError(f"--to {args.to}: the file must end in .pt or .safetensors "
-                         "(or pass --format pt|safetensors|hf)")
+                         "(or pass --format pt|safetensors|hf|dcp)")
     if target.exists() and not args.force:
         raise UsageError(f"{target} exists (use --force to overwrite it)")
-    if fmt == "hf" and target.exists() and not target.is_dir():
-        raise UsageError(f"--to {args.to}: --format hf writes a directory; {target} is a file")
+    if fmt in FOLDERS and target.exists() and not target.is_dir():
+        raise UsageError(f"--to {args.to}: --format {fmt} writes a directory; {target} is a "
+                         "file")
     if not target.parent.is_dir():
         raise UsageError(f"--to {args.to}: directory {target.parent} does not exist")
     return target, fmt
 
 
-def _replace(tmp: Path, target: Path) -> None:
-    if tmp.is_dir() and target.is_dir():  # --force on a folder: its exported files are replaced
-        for f in tmp.iterdir():
-            os.replace(f, target / f.name)
-        tmp.rmdir()
-    else:
+def _replace(tmp: Path, target: Path) -> list[str] | None:
+    """Move the export into place; of a folder, the names of the files it holds. ``--force``
+    on a folder replaces its exported files (a DCP checkpoint's ``.metadata`` last, after the
+    data files it names; data files of an earlier DCP export there are removed)."""
+    if not tmp.is_dir():
         os.replace(tmp, target)
+        return None
+    names = sorted((f.name for f in tmp.iterdir()), key=lambda n: (n == METADATA_FILE, n))
+    if not target.is_dir():
+        os.replace(tmp, target)
+        return names
+    if METADATA_FILE in names:  # not a checkpoint until the new .metadata is in place
+        target.joinpath(METADATA_FILE).unlink(missing_ok=True)
+        for old in target.glob("*.distcp"):
+            if old.name not in names:
+                old.unlink()
+    for name in names:
+        os.replace(tmp / name, target / name)
+    tmp.rmdir()
+    return names
 
 
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(path.joinpath(n).stat().st_size for n in (HF_WEIGHTS, HF_CONFIG_FILE))
-    return path.stat().st_size
+def _size(path: Path, names: list[str] | None) -> int:
+    if names is None:
+        return path.stat().st_size
+    return sum(path.joinpath(n).stat().st_size for n in names)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -216,8 +249,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         count = EXPORTERS[fmt](loaded.state, loaded.step, tmp, meta)
-        _replace(tmp, target)
-        size = _size(target)
+        size = _size(target, _replace(tmp, target))
     except OSError as e:
         raise UsageError(f"cannot write {target}: {e}") from None
     finally:
