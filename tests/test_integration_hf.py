@@ -1,10 +1,12 @@
 """The Hugging Face Trainer integration: saves through the asymmetric snapshot inside
-Trainer's loop (gradient accumulation included), resumes bit-exact after SIGKILL (one process
-and two DDP ranks under torchrun), exports a ``from_pretrained`` folder, and is optional."""
+Trainer's loop (gradient accumulation included), resumes bit-exact after SIGKILL (one process,
+two DDP ranks and two FSDP2 ranks under torchrun), exports a ``from_pretrained`` folder, and is
+optional."""
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
@@ -19,7 +21,7 @@ import torch
 
 import asymcheck
 from asymcheck.cli import main as cli_main
-from tests._util import assert_same
+from tests._util import assert_same, opt_state
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -59,7 +61,8 @@ class _Snapshots(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if state.global_step % self.every == 0:
             self.states[state.global_step] = copy.deepcopy(
-                {"model": kw["model"].state_dict(), "optimizer": kw["optimizer"].state_dict(),
+                {"model": kw["model"].state_dict(),
+                 "optimizer": opt_state(kw["model"], kw["optimizer"]),
                  "scheduler": kw["lr_scheduler"].state_dict()})
 
 
@@ -144,6 +147,92 @@ def test_two_ddp_ranks_under_torchrun_killed_and_resumed_match() -> None:
                         out.stdout)
     assert written and int(written[1]) > 0 and int(written[2]) == 0, out.stdout
     assert "8 steps compared: losses of the resumed run EQUAL" in out.stdout
+
+
+#: A Trainer script with FSDP2 (``fsdp_config={"version": 2}``, each GPT2Block and the root
+#: sharded) on CPU ranks. accelerate turns FSDP on only for accelerator devices (CUDA, NPU, XPU,
+#: ...): on CPU ranks (``DistributedType.MULTI_CPU``) it drops the FSDP plugin without a word and
+#: the Trainer wraps the model in DistributedDataParallel. The script tells accelerate's shared
+#: ``PartialState`` that the ranks are ``MULTI_GPU`` before the Trainer starts (the device stays
+#: the CPU, the backend gloo; after ``TrainingArguments``, which sets the state up), so the
+#: Trainer takes its FSDP2 path: ``fully_shard`` on a CPU
+#: mesh, DTensor parameters, the optimizer switched to them.
+_FSDP2_TRAINER = textwrap.dedent("""
+    import argparse, os, sys
+    sys.path.insert(0, os.environ["ASYMCHECK_EXAMPLES"])
+    import torch, transformers
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+    from hf_common import CrashAt, LossLog, RandomTokens
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    import asymcheck
+    from asymcheck.integrations.transformers import AsymCheckCallback, asymcheck_trainer
+
+    p = argparse.ArgumentParser()
+    for flag, kind, default in [("--steps", int, 8), ("--every", int, 2), ("--crash-at", int, -1),
+                                ("--dir", str, None), ("--loss-log", str, None)]:
+        p.add_argument(flag, type=kind, default=default)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    transformers.set_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128,
+                                       n_positions=16, bos_token_id=0, eos_token_id=0))
+    targs = TrainingArguments(
+        output_dir=os.path.join(args.dir, "trainer"), max_steps=args.steps,
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3,
+        lr_scheduler_type="cosine", warmup_steps=2, logging_steps=1, save_strategy="no",
+        report_to="none", seed=0, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        ddp_backend="gloo", fsdp=True,
+        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]})
+    PartialState(cpu=True).distributed_type = DistributedType.MULTI_GPU  # set up by targs
+    ckpt = AsymCheckCallback(asymcheck.default_policy(args.dir), every=args.every,
+                             warmup_iterations=2)
+    callbacks = [ckpt, LossLog(args.loss_log)]
+    if args.crash_at >= 0:
+        callbacks.append(CrashAt(args.crash_at, ckpt))
+    trainer = asymcheck_trainer(Trainer)(model=model, args=targs, callbacks=callbacks,
+                                         train_dataset=RandomTokens(64, 16, 128, seed=0))
+    trainer.train()
+    if trainer.is_world_process_zero():
+        modes = sorted({str(h.metrics.get("mode")) for h in ckpt.handles})
+        print(f"fsdp2 {trainer._asymcheck_fsdp2()}, parameters "
+              f"{type(next(trainer.model.parameters())).__name__}, restored step "
+              f"{ckpt.restored_step}, modes {'/'.join(modes)}", flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_two_fsdp2_ranks_under_torchrun_killed_and_resumed_match(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """torchrun, 2 CPU ranks (gloo), Trainer with FSDP2: every rank writes its own shards;
+    after SIGKILL the same command resumes and rank 0's losses match bit for bit."""
+    script = tmp_path / "fsdp2_trainer.py"
+    script.write_text(_FSDP2_TRAINER)
+    import kill_resume  # examples/, on sys.path above
+
+    shown: list[str] = []
+
+    def model_bytes(directory: Path) -> None:
+        out = _run([sys.executable, "-m", "asymcheck.cli", "inspect", "latest", "--tier",
+                    directory.as_uri(), "--json"], timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        shown.append(out.stdout)
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", str(script), "--steps", "8", "--every", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "ASYMCHECK_EXAMPLES": str(EXAMPLES)}
+    code = kill_resume.demo(command, steps=8, crash_at=5, log_flag="--loss-log", env=env,
+                            inspect=model_bytes)
+    out = capfd.readouterr().out
+    assert code == 0, out
+    assert "fsdp2 True, parameters DTensor, restored step None" in out, out
+    assert "fsdp2 True, parameters DTensor, restored step 4, modes asym" in out, out
+    assert "8 steps compared: losses of the resumed run EQUAL" in out, out
+    (listing,) = shown
+    sections = [r["sections"] for r in json.loads(listing)["info"]["ranks"]]
+    assert len(sections) == 2 and all(s.get("model", 0) > 0 for s in sections), sections
 
 
 @pytest.mark.parametrize("name", ["bert", "roberta", "bloom"])

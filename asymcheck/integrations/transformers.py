@@ -24,7 +24,12 @@ one line. The callback alone (a plain ``Trainer``) saves, but cannot resume.
 The asymmetric snapshot hooks the torch optimizer inside accelerate's ``AcceleratedOptimizer``:
 its step pre-hook (the step gate) fires on every real optimizer step, once per gradient
 accumulation cycle. Under DistributedDataParallel (world size > 1) the model is saved by rank
-0 alone (``replicated=("model",)``).
+0 alone (``replicated=("model",)``). Under FSDP2 (``fsdp_config={"version": 2}``) every rank
+saves its own shards: the checkpoint is read as whole tensors before accelerate shards the
+model, the model state is applied then, the optimizer state
+is distributed to the shards after accelerate has prepared the optimizer, and the saving
+Checkpointer is opened again on the sharded model when training begins. DeepSpeed, FSDP1 and
+XLA FSDP are not supported.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from ..partition import BackwardPolicy, ForwardPolicy
 from ..policy import Policy
 from ..restore import LoadedCheckpoint
 from ..state import apply_rng
+from ..statedict import MODEL, OPTIMIZERS, apply_model, apply_optimizer
 
 __all__ = ["HF_CONFIG", "AsymCheckCallback", "AsymCheckTrainer", "asymcheck_trainer"]
 
@@ -124,7 +130,7 @@ def _trainer_state_json(state: TrainerState, callbacks: Iterable[Any]) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def _torch_optimizer(optimizer: Any) -> Any:
+def _inner_optimizer(optimizer: Any) -> Any:
     """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (its ``step`` is the
     one the step gate hooks)."""
     inner = getattr(optimizer, "optimizer", None)
@@ -163,13 +169,17 @@ class AsymCheckCallback(TrainerCallback):
         self.handles: deque[SaveHandle] = deque(maxlen=64)
         self.restored_step: int | None = None
         self._state: TrainerState | None = None
+        #: opens the Checkpointer again once the model is sharded (set by the Trainer class)
+        self._reopen: Callable[[], Checkpointer] | None = None
 
     # ------------------------------------------------------------------ setup
     def open(self, model: torch.nn.Module, optimizer: Any, *,
              scheduler: Callable[[], Any] | None, scaler: Any = None,
-             trainer_state: Callable[[], str] | None = None) -> Checkpointer:
+             trainer_state: Callable[[], str] | None = None,
+             sharded: bool = False) -> Checkpointer:
         """Create the Checkpointer for one ``train()`` (done by the Trainer class or, with a
-        plain Trainer, at ``on_train_begin``)."""
+        plain Trainer, at ``on_train_begin``). ``sharded``: the model is (or will be) sharded
+        over the ranks (FSDP2), so no rank's copy of it stands for the others'."""
         self.close()
         extras: dict[str, Any] = {}
         if scheduler is not None:
@@ -184,14 +194,15 @@ class AsymCheckCallback(TrainerCallback):
         distributed = (torch.distributed.is_available() and torch.distributed.is_initialized()
                        and torch.distributed.get_world_size() > 1)
         replicated = (self.replicated if self.replicated is not None
-                      else ("model",) if distributed else ())
-        self.checkpointer = Checkpointer(model, _torch_optimizer(optimizer), policy=self.policy,
+                      else ("model",) if distributed and not sharded else ())
+        self.checkpointer = Checkpointer(model, _inner_optimizer(optimizer), policy=self.policy,
                                          extras=extras, mode=self.mode, replicated=replicated,
                                          **self.options)
         return self.checkpointer
 
     def close(self) -> None:
         """Flush every save and release the tiers (at the end of ``train()``)."""
+        self._reopen = None
         ckpt, self.checkpointer = self.checkpointer, None
         if ckpt is not None:
             ckpt.close_sync()
@@ -200,6 +211,9 @@ class AsymCheckCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: TrainerState, control: Any, **kwargs: Any
                        ) -> None:
         self._state = state
+        if self._reopen is not None:  # the model is sharded now: hook its sharded parameters
+            reopen, self._reopen = self._reopen, None
+            reopen()
         if self.checkpointer is None:  # a plain Trainer: save only
             log.warning("AsymCheckCallback in a plain Trainer saves but does not resume: "
                         "use asymcheck.integrations.transformers.asymcheck_trainer(Trainer)")
@@ -220,6 +234,19 @@ class AsymCheckCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: TrainerState, control: Any, **kwargs: Any) -> None:
         self.close()
+
+
+def _distribute_optimizer(model: torch.nn.Module, optimizer: Any, state: dict[str, Any]
+                          ) -> None:
+    """Load optimizer state read as whole tensors into the optimizer of a sharded (FSDP2)
+    model: each rank keeps its shard of every tensor."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    set_optimizer_state_dict(model, _inner_optimizer(optimizer), state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def _find_callback(trainer: Any) -> AsymCheckCallback | None:
@@ -284,7 +311,7 @@ def asymcheck_trainer(base: T) -> T:
             self.state = TrainerState(**json.loads(extras[TRAINER_STATE]["json"]))
             self._load_callback_state()
             self.state.init_training_references(self, max_steps, num_train_epochs, trial)
-            self.model.load_state_dict(loaded.state["model"])
+            apply_model(self.model, loaded.state[MODEL])
             epochs = self.state.global_step // num_update_steps_per_epoch
             steps = 0
             if not self.args.ignore_data_skip:
@@ -295,18 +322,33 @@ def asymcheck_trainer(base: T) -> T:
                         epochs, steps)
             return epochs, steps
 
+        def _asymcheck_fsdp2(self) -> bool:
+            plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+            return bool(self.is_fsdp_enabled and plugin is not None
+                        and getattr(plugin, "fsdp_version", 1) == 2)
+
         def _asymcheck_open(self, cb: AsymCheckCallback) -> Checkpointer:
-            if (self.is_deepspeed_enabled or self.is_fsdp_enabled
+            fsdp2 = self._asymcheck_fsdp2()
+            if (self.is_deepspeed_enabled or (self.is_fsdp_enabled and not fsdp2)
                     or getattr(self, "is_fsdp_xla_enabled", False)):
-                raise NotImplementedError("AsymCheck's Trainer integration supports plain and "
-                                          "DistributedDataParallel training (no DeepSpeed/FSDP)")
+                raise NotImplementedError("AsymCheck's Trainer integration supports plain, "
+                                          "DistributedDataParallel and FSDP2 training (no "
+                                          "DeepSpeed, FSDP1 or XLA FSDP)")
             self.create_optimizer()  # what the loop does next; created now to be hooked
             callbacks = self.callback_handler.callbacks
-            return cb.open(
-                self.model, self.optimizer, scheduler=lambda: self.lr_scheduler,
-                scaler=getattr(self.accelerator, "scaler", None),
-                trainer_state=lambda: _trainer_state_json(self.state, [*callbacks,
-                                                                       self.control]))
+
+            def open_checkpointer() -> Checkpointer:
+                return cb.open(
+                    self.model, self.optimizer, scheduler=lambda: self.lr_scheduler,
+                    scaler=getattr(self.accelerator, "scaler", None),
+                    trainer_state=lambda: _trainer_state_json(self.state, [*callbacks,
+                                                                           self.control]),
+                    sharded=fsdp2)
+
+            ckpt = open_checkpointer()
+            if fsdp2:  # accelerate shards the model later: its parameters are replaced then
+                cb._reopen = open_checkpointer
+            return ckpt
 
         def _loaded_for(self, checkpoint: Any) -> LoadedCheckpoint | None:
             return self._asymcheck_loaded if checkpoint == _RESUME else None
@@ -322,8 +364,11 @@ def asymcheck_trainer(base: T) -> T:
                 return
             loaded = self._asymcheck_loaded
             if loaded is not None:
-                (opt_state,) = loaded.state["optimizers"]
-                self.optimizer.load_state_dict(opt_state)
+                (opt_state,) = loaded.state[OPTIMIZERS]
+                if self._asymcheck_fsdp2() and opt_state is not None:
+                    _distribute_optimizer(self.model, self.optimizer, opt_state)
+                else:
+                    apply_optimizer(self.model, self.optimizer, opt_state)
                 self.lr_scheduler.load_state_dict(loaded.state["extras"]["scheduler"])
 
         def _load_scaler(self, checkpoint: Any) -> None:
