@@ -115,8 +115,10 @@ def box_numel(box: Box) -> int:
 
 
 def rebuild(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``local`` as a tensor placed like ``like`` (a DTensor with its mesh and placements)."""
+    """``local`` as a tensor placed like ``like`` (a DTensor with its mesh and placements, its
+    local chunk on the device of ``like``'s)."""
     if isinstance(like, DTensor):
+        local = local.to(like._local_tensor.device)
         return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
                                   shape=like.shape, stride=like.stride())
     return local

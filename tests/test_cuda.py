@@ -126,3 +126,47 @@ def test_compressed_device_state_restores_bit_exactly_onto_the_device(
     assert all(p.is_cuda for p in fresh.parameters())
     assert_same(want["model"], got["model"])
     assert_same(want["opt"], got["opt"])
+
+
+def test_fsdp2_on_the_device_saves_local_shards_and_restores_on_device_and_on_the_cpu(
+        tmp_path: Path) -> None:
+    """FSDP2 on a one-GPU mesh (NCCL): the asym snapshot copies the device shards on the side
+    stream; restore fills a fresh FSDP2 model on the device and a plain model on the CPU."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        mesh = init_device_mesh("cuda", (1,))
+
+        def sharded() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+            model, _ = _model()
+            for layer in model:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        policy = asymcheck.default_policy(tmp_path / "ckpt")
+        model, opt = sharded()
+        with asymcheck.Checkpointer(model, opt, policy=policy, warmup_iterations=3) as ckpt:
+            for step in range(8):
+                _train(model, opt, step)
+                handle = ckpt.save_sync(step)
+            want = {k: v.full_tensor().cpu() for k, v in get_model_state_dict(model).items()}
+            handle.wait_all_sync(60)
+        assert handle.metrics["mode"] == "asym"
+        fresh, fresh_opt = sharded()
+        with asymcheck.Checkpointer(fresh, fresh_opt, policy=policy) as ckpt:
+            assert ckpt.restore_sync() == 7
+        got = {k: v.full_tensor().cpu() for k, v in get_model_state_dict(fresh).items()}
+        assert_same(want, got)
+    finally:
+        dist.destroy_process_group()
+    plain = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-3)
+    with asymcheck.Checkpointer(plain, plain_opt, policy=policy) as ckpt:
+        assert ckpt.restore_sync() == 7
+    assert_same(want, plain.state_dict())
