@@ -38,12 +38,13 @@ from .restore import (
     CopyReader,
     LoadedCheckpoint,
     decode_pool,
+    pick_step,
     steps_by_tier,
     verified_copies,
     world_size_error,
 )
 from .sharding import Box, ShardRef, byte_span, local_box, overlap, place, rebuild
-from .state import TensorRef, dtype_from_name, leaves, unflatten, unpack_skeleton
+from .state import TensorRef, dtype_from_name, leaves, map_leaves, unflatten, unpack_skeleton
 from .statedict import MODEL, REPLICABLE, param_path
 
 log = logging.getLogger(__name__)
@@ -256,31 +257,14 @@ class Placer:
     async def _place(self, state: Any) -> Any:
         jobs: dict[str, asyncio.Future[torch.Tensor]] = {}
 
-        def visit(obj: Any, path: str) -> None:
+        def schedule(obj: Any, path: str) -> Any:
             if isinstance(obj, (_Held, torch.Tensor)):
                 jobs[path] = asyncio.ensure_future(self._value(path, obj))
-            elif isinstance(obj, dict):
-                for k, v in obj.items():
-                    visit(v, f"{path}/{k}" if path else str(k))
-            elif isinstance(obj, (list, tuple)):
-                for i, v in enumerate(obj):
-                    visit(v, f"{path}/{i}")
-
-        visit(state, "")
-        await gather_or_cancel(jobs.values())
-
-        def build(obj: Any, path: str) -> Any:
-            if path in jobs:
-                return jobs[path].result()
-            if isinstance(obj, dict):
-                return {k: build(v, f"{path}/{k}" if path else str(k)) for k, v in obj.items()}
-            if isinstance(obj, list):
-                return [build(v, f"{path}/{i}") for i, v in enumerate(obj)]
-            if isinstance(obj, tuple):
-                return tuple(build(v, f"{path}/{i}") for i, v in enumerate(obj))
             return obj
 
-        return build(state, "")
+        map_leaves(state, schedule)
+        await gather_or_cancel(jobs.values())
+        return map_leaves(state, lambda obj, path: jobs[path].result() if path in jobs else obj)
 
     async def _value(self, path: str, value: _Held | torch.Tensor) -> torch.Tensor:
         shape = value.ref.global_shape if isinstance(value, _Held) else tuple(value.shape)
@@ -348,13 +332,9 @@ async def load_single(policy: Policy, tiers: Sequence[Tier], step: int | None,
     by any number of ranks: a multi-rank checkpoint's global manifest names each rank's shard,
     read through rank-scoped views of the same tiers. None when nothing is committed."""
     found = await steps_by_tier(tiers)
+    step = pick_step(found, step)
     if step is None:
-        if not found:
-            return None
-        step = max(found)
-    elif step not in found:
-        raise RestoreError(f"step {step} is not committed on any tier "
-                           f"(committed: {sorted(found) or 'none'})")
+        return None
     holders = found[step]
     copies = await verified_copies(holders, step)
     saved_world = copies[0][1].world_size

@@ -266,6 +266,17 @@ async def read_base_tensor(holders: Sequence[Tier], step: int, meta: TensorMeta,
                      f"(tried {', '.join(problems) or 'no tier holds it'})")
 
 
+def pick_step(found: Mapping[int, Sequence[Tier]], step: int | None) -> int | None:
+    """``step``, or the newest of ``found`` (None when there is none); an error naming what is
+    committed when ``step`` is not."""
+    if step is None:
+        return max(found) if found else None
+    if step not in found:
+        raise RestoreError(f"step {step} is not committed on any tier "
+                           f"(committed: {sorted(found) or 'none'})")
+    return step
+
+
 async def verified_copies(tiers: Sequence[Tier], step: int,
                           digests: Mapping[str, int] | None = None) -> list[tuple[Tier, Manifest]]:
     """The tiers among ``tiers`` holding a readable manifest of ``step`` whose files are all
@@ -400,13 +411,9 @@ async def load_checkpoint(tiers: Sequence[Tier], step: int | None = None, *,
     ``select``, only tensors whose path it accepts are read; the others are left as tensors
     on the meta device."""
     found = await steps_by_tier(tiers)
+    step = pick_step(found, step)
     if step is None:
-        if not found:
-            return None
-        step = max(found)
-    elif step not in found:
-        raise RestoreError(f"step {step} is not committed on any tier "
-                           f"(committed: {sorted(found) or 'none'})")
+        return None
     copies = await verified_copies(found[step], step)
     reference = copies[0][1]
     if reference.world_size != world_size:

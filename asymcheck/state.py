@@ -124,6 +124,18 @@ def flatten(state: Any) -> FlatState:
     return FlatState(skeleton, tuple(paths), tuple(tensors))
 
 
+def map_leaves(obj: Any, leaf: Callable[[Any, str], Any], path: str = "") -> Any:
+    """``obj`` rebuilt with every value that is not a dict, list or tuple replaced by
+    ``leaf(value, path)``; paths are those ``flatten`` gives."""
+    if isinstance(obj, dict):
+        return {k: map_leaves(v, leaf, f"{path}/{k}" if path else str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [map_leaves(v, leaf, f"{path}/{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return tuple(map_leaves(v, leaf, f"{path}/{i}") for i, v in enumerate(obj))
+    return leaf(obj, path)
+
+
 def unflatten(skeleton: Any, tensors: Sequence[torch.Tensor],
               shard: Callable[[str, ShardRef], Any] | None = None,
               plain: Callable[[str, torch.Tensor], Any] | None = None) -> Any:
@@ -135,37 +147,26 @@ def unflatten(skeleton: Any, tensors: Sequence[torch.Tensor],
             raise ValueError(f"checkpoint skeleton refers to missing tensor {index}")
         return tensors[index]
 
-    def walk(obj: Any, path: str) -> Any:
+    def leaf(obj: Any, path: str) -> Any:
         if isinstance(obj, TensorRef):
             return tensor(obj.index) if plain is None else plain(path, tensor(obj.index))
         if isinstance(obj, ShardRef):
             return tensor(obj.index) if shard is None else shard(path, obj)
-        if isinstance(obj, dict):
-            return {k: walk(v, f"{path}/{k}" if path else str(k)) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [walk(v, f"{path}/{i}") for i, v in enumerate(obj)]
-        if isinstance(obj, tuple):
-            return tuple(walk(v, f"{path}/{i}") for i, v in enumerate(obj))
         return obj
 
-    return walk(skeleton, "")
+    return map_leaves(skeleton, leaf)
 
 
 def leaves(skeleton: Any) -> list[tuple[str, TensorRef | ShardRef]]:
     """Every tensor placeholder of ``skeleton`` with its path (as ``flatten`` names it)."""
     out: list[tuple[str, TensorRef | ShardRef]] = []
 
-    def walk(obj: Any, path: str) -> None:
+    def leaf(obj: Any, path: str) -> Any:
         if isinstance(obj, (TensorRef, ShardRef)):
             out.append((path, obj))
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, f"{path}/{k}" if path else str(k))
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(v, f"{path}/{i}")
+        return obj
 
-    walk(skeleton, "")
+    map_leaves(skeleton, leaf)
     return out
 
 

@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor
 import asymcheck
 from asymcheck.layout import manifest_key
 from asymcheck.policy import TierPolicy
+from tests._ranks import exit_on_commit, run
 from tests._util import assert_same
 
 IN, HIDDEN, OUT = 7, 5, 3
@@ -357,13 +358,7 @@ def _scenario_crash(rank: int, work: Path) -> None:
     train_step(model, opt, 2)
     handle = ck.save_sync(2)
     ck.finish_snapshot()
-    try:
-        handle.durable("local").wait(60)
-    except asymcheck.errors.CommitError as e:
-        print(f"NOT COMMITTED {rank}: {e}", flush=True)
-        os._exit(3)
-    print(f"COMMITTED {rank}", flush=True)
-    os._exit(0)
+    exit_on_commit(handle, rank)
 
 
 def _scenario_crash_restore(rank: int, work: Path) -> None:
@@ -484,13 +479,4 @@ def run_rank(scenario: str, rank: int, world: int, work: str, init: str, env: di
 
 
 def child(scenario: str, rank: str, world: str, work: str, init: str) -> None:
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format=f"rank {rank} %(name)s: %(message)s")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=int(rank),
-                            world_size=int(world))
-    try:
-        SCENARIOS[scenario](int(rank), Path(work))
-    finally:
-        dist.destroy_process_group()
+    run(SCENARIOS, scenario, rank, world, work, init)

@@ -8,11 +8,7 @@ model and its optimizers from a DCP checkpoint. Both in one process and with 2 F
 
 from __future__ import annotations
 
-import os
 import pickle
-import subprocess
-import sys
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,10 +28,9 @@ from torch.distributed.checkpoint.state_dict import (
 import asymcheck
 from asymcheck import cli
 from asymcheck.errors import RestoreError
+from tests import _ranks
 from tests._util import assert_same, make_training, model_state, opt_state, snapshot, train_steps
 
-REPO = Path(__file__).resolve().parents[1]
-CHILD = "import sys; from tests.test_dcp_interop import _child; _child(*sys.argv[1:])"
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
@@ -373,32 +368,12 @@ SCENARIOS = {"round-trip": _scenario_round_trip}
 
 
 def _child(scenario: str, rank: str, world: str, work: str, init: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=int(rank),
-                            world_size=int(world))
-    try:
-        SCENARIOS[scenario](int(rank), Path(work))
-    finally:
-        dist.destroy_process_group()
+    _ranks.run(SCENARIOS, scenario, rank, world, work, init)
 
 
 def _spawn(scenario: str, work: Path, world: int = 2, timeout: float = 180) -> str:
     """Run ``scenario`` on ``world`` ranks; rank 0's output."""
-    init = work / f"pg-{uuid.uuid4().hex[:8]}"
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, scenario, str(r), str(world),
-                               str(work), str(init)], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
-             for r in range(world)]
-    results = []
-    for p in procs:
-        try:
-            text, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            text, _ = p.communicate()
-            text += "\n<killed after the timeout>"
-        results.append((p.returncode, text))
+    results = _ranks.spawn("tests.test_dcp_interop", scenario, work, world, timeout=timeout)
     for rank, (code, text) in enumerate(results):
         assert code == 0 and f"RESTORED {rank}" in text, f"rank {rank} exited {code}:\n{text}"
     return results[0][1]

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,12 +18,11 @@ import torch
 import asymcheck
 from asymcheck.layout import host_shard_url, manifest_key, shard_manifest_key
 from asymcheck.manifest import Manifest
+from tests import _ranks
 from tests._util import assert_same, model_state, opt_state
 
-REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 WIDTH = 32
-CHILD = "import sys; from tests.test_dist import _child; _child(*sys.argv[1:])"
 
 
 # ---------------------------------------------------------------- the ranks' side
@@ -167,13 +163,7 @@ def _scenario_crash(rank: int, work: Path) -> None:
                work / f"expected-{rank}.pt")
     _sharded_step(model, opt, owned)
     handle = ckpt.save_sync(2)
-    try:
-        handle.durable("local").wait(60)
-    except asymcheck.errors.CommitError as e:
-        print(f"NOT COMMITTED {rank}: {e}", flush=True)
-        os._exit(3)
-    print(f"COMMITTED {rank}", flush=True)
-    os._exit(0)
+    _ranks.exit_on_commit(handle, rank)
 
 
 def _scenario_crash_restore(rank: int, work: Path) -> None:
@@ -195,40 +185,14 @@ SCENARIOS: dict[str, Callable[[int, Path], None]] = {
 
 
 def _child(scenario: str, rank: str, world: str, work: str, init: str) -> None:
-    import logging
-
-    import torch.distributed as dist
-
-    logging.basicConfig(level=logging.WARNING, format=f"rank {rank} %(name)s: %(message)s")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=int(rank),
-                            world_size=int(world))
-    try:
-        SCENARIOS[scenario](int(rank), Path(work))
-    finally:
-        dist.destroy_process_group()
+    _ranks.run(SCENARIOS, scenario, rank, world, work, init)
 
 
 # ------------------------------------------------------------------ the test's side
 def _spawn(scenario: str, work: Path, *, env: dict[str, str] | None = None,
            timeout: float = 90) -> list[tuple[int, str]]:
     """Run ``scenario`` on ranks 0 and 1; (exit code, output) per rank."""
-    init = work / f"pg-{uuid.uuid4().hex[:8]}"
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, scenario, str(r), str(WORLD),
-                               str(work), str(init)], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
-             for r in range(WORLD)]
-    out = []
-    for p in procs:
-        try:
-            text, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            text, _ = p.communicate()
-            text += "\n<killed after the timeout>"
-        out.append((p.returncode, text))
-    return out
+    return _ranks.spawn("tests.test_dist", scenario, work, WORLD, env=env, timeout=timeout)
 
 
 def _ok(results: list[tuple[int, str]], word: str) -> None:
