@@ -424,8 +424,8 @@ class HostTier(Tier):
         """Open ``tmp`` read-write, renamed from ``reuse`` when that pooled file still exists."""
         rel_dir = key.rpartition("/")[0]
         for attempt in range(_CREATE_TRIES):
-            makedirs_durable(self._dir, rel_dir, fsync=False)
             try:
+                makedirs_durable(self._dir, rel_dir, fsync=False)
                 if reuse is not None:
                     try:
                         os.rename(reuse, tmp)

@@ -144,10 +144,11 @@ class LocalTier(Tier):
         rel_dir = key.rpartition("/")[0]
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         for attempt in range(_CREATE_TRIES):
-            makedirs_durable(self._root, rel_dir, fsync=self.fsync)
             try:
+                makedirs_durable(self._root, rel_dir, fsync=self.fsync)
                 return os.open(tmp, flags, 0o644)
-            except FileNotFoundError:  # a concurrent delete pruned the directory: retry
+            except FileNotFoundError:  # a concurrent delete (or another process opening the
+                # tier) pruned a directory on the path as it was made: make it again
                 if attempt == _CREATE_TRIES - 1:
                     raise
         raise AssertionError("unreachable")
