@@ -185,19 +185,21 @@ def hdfs_url() -> Iterator[str]:
 
 
 @pytest.mark.hdfs
-def test_a_2_rank_fsdp2_checkpoint_restores_at_3_ranks_from_hdfs(
-        tmp_path: Path, hdfs_url: str) -> None:
-    """The save's only durable tier is HDFS; the restore job (another host tier) reads it
-    from HDFS alone."""
+@pytest.mark.parametrize(("saved", "restored"), [(2, (1, 3, 4)), (4, (2,))])
+def test_an_fsdp2_checkpoint_restores_at_other_world_sizes_from_hdfs(
+        tmp_path: Path, hdfs_url: str, saved: int, restored: tuple[int, ...]) -> None:
+    """The save's only durable tier is HDFS; each restore job (another host tier) reads it
+    from HDFS alone: 2 -> 1, 3, 4 and 4 -> 2."""
     tag = uuid.uuid4().hex[:10]
     save = {"host": f"sharded-save-{tag}", "tier": "hdfs", "url": hdfs_url}
-    _ok(_spawn("save", 2, tmp_path, args={"kind": "fsdp", "steps": 2, "policy": save}),
+    _ok(_spawn("save", saved, tmp_path, args={"kind": "fsdp", "steps": 2, "policy": save}),
         "SAVED")
-    restore = {**save, "host": f"sharded-restore-{tag}"}
-    results = _spawn("restore", 3, tmp_path,
-                     args={"kind": "fsdp", "policy": restore, "tier": "hdfs"})
-    _ok(results, "RESTORED")
-    _print_sources(results)
+    for world in restored:
+        restore = {**save, "host": f"sharded-restore-{tag}-{world}"}
+        results = _spawn("restore", world, tmp_path,
+                         args={"kind": "fsdp", "policy": restore, "tier": "hdfs"})
+        _ok(results, "RESTORED")
+        _print_sources(results)
 
 
 # ------------------------------------------------------- 3. plain single process <-> FSDP2
