@@ -554,7 +554,7 @@ def write_report(results: list[dict[str, Any]], out_dir: Path, total_s: float | 
     if failed:
         lines += ["", "## Failed runs", ""] + [f"- {f}" for f in failed]
     lines += ["", "## Where AsymCheck (asym+S+O) does worse", "",
-              "Against DCP async_save and torch.save+fsync in the same run, beyond a noise "
+              "Against the DCP rows and torch.save+fsync in the same run, beyond a noise "
               "allowance of 5% (throughput) or 10% (the rest); the peers' figures in "
               "parentheses. Peak host memory varies by a few tens of MB from run to run.", ""]
     notes = losses(results)
