@@ -60,6 +60,11 @@ def spawn(module: str, scenario: str, work: Path, world: int, *,
                               stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
              for r in range(world)]
+    return collect(procs, timeout)
+
+
+def collect(procs: list[subprocess.Popen[str]], timeout: float) -> list[tuple[int, str]]:
+    """Wait for each rank's process (killed past ``timeout``); (exit code, output) per rank."""
     out = []
     for p in procs:
         try:

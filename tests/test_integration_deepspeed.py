@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests._ranks import collect
 from tests._util import assert_same
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,16 +185,7 @@ def _spawn(scenario: str, work: Path, timeout: float = 150,
              "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
              "OMP_NUM_THREADS": "1", **(env or {})})
         for r in range(WORLD)]
-    out = []
-    for p in procs:
-        try:
-            text, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            text, _ = p.communicate()
-            text += "\n<killed after the timeout>"
-        out.append((p.returncode, text))
-    return out
+    return collect(procs, timeout)
 
 
 def _ok(results: list[tuple[int, str]], word: str) -> None:
