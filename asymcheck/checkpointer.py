@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -71,6 +71,11 @@ class Checkpointer:
     ``replicated`` names state that is identical on every rank (``"model"`` under
     DistributedDataParallel, ``"optimizers"``, or an extra's name): rank 0 alone writes it
     and every rank restores it from rank 0's shard.
+
+    ``snapshot_hooks=(module, optimizers)`` is for training state that arrives as an extra
+    (``model`` None; e.g. DeepSpeed's ZeRO-3 files): in asym mode the passes of ``module`` open
+    the copy windows, and the extra's tensors that are parameters or state of ``optimizers``
+    (changed by their ``step()`` alone) are copied in those windows, behind their step gate.
     """
 
     def __init__(self, model: torch.nn.Module | None, optimizer: Any = None, *,
@@ -81,7 +86,8 @@ class Checkpointer:
                  forward_policy: ForwardPolicy = ForwardPolicy(),
                  backward_policy: BackwardPolicy = BackwardPolicy(),
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, job: str | None = None,
-                 replicated: Iterable[str] = (), dist_timeout_s: float = 1800.0) -> None:
+                 replicated: Iterable[str] = (), dist_timeout_s: float = 1800.0,
+                 snapshot_hooks: tuple[torch.nn.Module, Sequence[Any]] | None = None) -> None:
         self.model = model
         self.optimizers = _as_list(optimizer)
         if model is None and self.optimizers:
@@ -107,12 +113,16 @@ class Checkpointer:
             if name not in REPLICABLE and name not in self.extras:
                 raise ValueError(f"replicated: {name!r} is neither "
                                  f"{' nor '.join(map(repr, REPLICABLE))} nor an extra")
+        if snapshot_hooks is not None and model is not None:
+            raise ValueError("snapshot_hooks is for state saved as an extra: with a model, the "
+                             "model and its optimizers open the windows and gate the step")
         self.mode = mode
         self.job = job or new_job_id()
         self._stager = Stager(model, self.optimizers, self.extras, mode=mode,
                               warmup_iterations=warmup_iterations, forward=forward_policy,
                               backward=backward_policy, min_partition_bytes=min_partition_bytes,
-                              max_partition_bytes=max_partition_bytes, chunk_bytes=chunk_bytes)
+                              max_partition_bytes=max_partition_bytes, chunk_bytes=chunk_bytes,
+                              snapshot_hooks=snapshot_hooks)
         self.profiler = self._stager.profiler
         self._loop = LoopThread(f"asymcheck-{self.job}")
         self._errors: list[BaseException] = []

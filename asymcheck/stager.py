@@ -69,8 +69,13 @@ class Stager:
     def __init__(self, model: torch.nn.Module | None, optimizers: Sequence[Any],
                  extras: Mapping[str, Any], *, mode: str, warmup_iterations: int,
                  forward: ForwardPolicy, backward: BackwardPolicy, min_partition_bytes: int,
-                 max_partition_bytes: int | None, chunk_bytes: int) -> None:
+                 max_partition_bytes: int | None, chunk_bytes: int,
+                 snapshot_hooks: tuple[torch.nn.Module, Sequence[Any]] | None = None) -> None:
         self.model, self.optimizers, self.extras = model, list(optimizers), dict(extras)
+        # the module whose passes open the copy windows, and the optimizers whose step alone
+        # changes the deferred tensors (their parameters and state)
+        self._windows, self._gates = (model, self.optimizers) if snapshot_hooks is None else \
+            (snapshot_hooks[0], [*self.optimizers, *snapshot_hooks[1]])
         self._capture = Capture(model) if model is not None else None
         self.mode = mode
         self.chunk_bytes = chunk_bytes
@@ -85,8 +90,8 @@ class Stager:
         self._tracker: WindowTracker | None = None
         self.profiler: Profiler | None = None
         self._copier: Copier | None = None
-        if mode == "asym" and model is not None:
-            self._tracker = WindowTracker(model, self.optimizers)
+        if mode == "asym" and self._windows is not None:
+            self._tracker = WindowTracker(self._windows, self._gates)
             self.profiler = Profiler(self._tracker, warmup_iterations)
             self._tracker.add_listeners(self._on_window, lambda: self.finish_pending())
 
@@ -118,16 +123,18 @@ class Stager:
                         handle, started, any(t.is_cuda for t in flat.tensors), scheduled)
 
     def _deferrable(self, tensors: tuple[torch.Tensor, ...]) -> list[int]:
-        """Indices of tensors that only ``optimizer.step()`` changes (parameters and optimizer
+        """Indices of tensors that only an optimizer step changes (parameters and optimizer
         state): those may be copied during the next forward and backward passes. Buffers,
-        RNG and extras change elsewhere and are copied at save time."""
+        RNG and extras change elsewhere and are copied at save time, except an extra's
+        tensors that are the gated optimizers' parameters or state (``snapshot_hooks``)."""
         owned: set[tuple[int, int]] = set()
-        if self.model is not None:
+        if self._windows is not None:
             owned.update((p.data_ptr(), p.nbytes)
-                         for p in map(local_tensor, self.model.parameters()))
-        for opt in self.optimizers:
-            for st in opt.state.values():
-                owned.update((v.data_ptr(), v.nbytes) for v in map(local_tensor, st.values())
+                         for p in map(local_tensor, self._windows.parameters()))
+        for opt in self._gates:
+            for param, st in opt.state.items():
+                owned.update((v.data_ptr(), v.nbytes)
+                             for v in map(local_tensor, (param, *st.values()))
                              if isinstance(v, torch.Tensor))
         return [i for i, t in enumerate(tensors)
                 if t.nbytes and t.is_contiguous() and (t.data_ptr(), t.nbytes) in owned]

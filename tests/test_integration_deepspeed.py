@@ -34,7 +34,7 @@ SAVE_AT, RUN_TO = 3, 6
 CHILD = "import sys; from tests.test_integration_deepspeed import _child; _child(*sys.argv[1:])"
 
 # ---------------------------------------------------------------- the ranks' side
-def _engine(seed: int) -> Any:
+def _engine(seed: int, universal: bool = False) -> Any:
     import deepspeed
 
     torch.manual_seed(seed)
@@ -49,6 +49,8 @@ def _engine(seed: int) -> Any:
               "scheduler": {"type": "WarmupLR",
                             "params": {"warmup_num_steps": 4, "warmup_max_lr": 1e-2}},
               "steps_per_print": 10**9}
+    if universal:
+        config["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     return engine
 
@@ -78,11 +80,21 @@ def _state(engine: Any) -> dict[str, Any]:
     })
 
 
-def _install(engine: Any, work: Path) -> Any:
+def _full_state(engine: Any) -> dict[str, Any]:
+    """Every parameter's whole fp32 master and AdamW state, put together from the partitions
+    of every rank (a collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    return {name: {"fp32": safe_get_full_fp32_param(p),
+                   **{k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}}
+            for name, p in engine.module.named_parameters()}
+
+
+def _install(engine: Any, work: Path, **args: Any) -> Any:
     import asymcheck
     from asymcheck.integrations.deepspeed import install
 
-    return install(engine, policy=asymcheck.default_policy(work / "checkpoints"))
+    return install(engine, policy=asymcheck.default_policy(work / "checkpoints"), **args)
 
 
 def _scenario_save(rank: int, work: Path) -> None:
@@ -93,6 +105,9 @@ def _scenario_save(rank: int, work: Path) -> None:
     engine.save_checkpoint(str(work / "ds"), client_state={"epoch": 1, "seen": [1, 2]})
     ckpt.handles[-1].wait_all_sync(60)
     torch.save(_state(engine), work / f"expected-{rank}.pt")
+    full = _full_state(engine)
+    if rank == 0:
+        torch.save(full, work / "expected-full.pt")
     assert engine.save_16bit_model(str(work / "export"))  # a plain file, not a checkpoint
     assert len(ckpt.handles) == 1
     losses += [_train_step(engine, rank) for _ in range(RUN_TO - SAVE_AT)]
@@ -147,8 +162,63 @@ def _scenario_crash(rank: int, work: Path) -> None:
     os._exit(0)
 
 
+def _scenario_reshard(rank: int, work: Path) -> None:
+    """One rank resumes the 2-rank checkpoint: refused as it is, loaded bit-exact from its
+    universal export, and training goes on saving through AsymCheck."""
+    engine = _engine(seed=7)
+    ckpt = _install(engine, work)
+    try:
+        engine.load_checkpoint(str(work / "ds"))
+        raise AssertionError("a checkpoint of 2 ranks loaded into 1")
+    except ValueError as e:
+        assert "saved by 2 ranks, this job has 1" in str(e), e
+        assert f"asymcheck restore {SAVE_AT} --format deepspeed-universal" in str(e), e
+    ckpt.close()
+    engine = _engine(seed=7, universal=True)
+    ckpt = _install(engine, work)
+    path, client = engine.load_checkpoint(str(work / "universal"))
+    assert client["epoch"] == 1 and int(engine.global_steps) == SAVE_AT, (client, path)
+    assert_same(torch.load(work / "expected-full.pt", weights_only=False), _full_state(engine))
+    _train_step(engine, rank)
+    engine.save_checkpoint(str(work / "ds"))
+    ckpt.handles[-1].durable("local").wait(60)
+    ckpt.close()
+    print(f"RESHARDED {rank}", flush=True)
+
+
+ASYM_SAVES = (5, 7, 8)  # after the 3 profiled warm-up iterations
+
+
+def _scenario_asym(rank: int, work: Path) -> None:
+    """Asymmetric snapshots of the ZeRO-3 partitions: every committed checkpoint equals the
+    state right after its save, though its partitions were copied during the next iteration."""
+    engine = _engine(seed=0)
+    ckpt = _install(engine, work, warmup_iterations=3, min_partition_bytes=512)
+    expected = {}
+    for _ in range(ASYM_SAVES[-1] + 2):
+        _train_step(engine, rank)
+        step = int(engine.global_steps)
+        if step in ASYM_SAVES:
+            engine.save_checkpoint(str(work / "ds"))
+            expected[step] = _state(engine)
+    ckpt.wait()
+    for step, handle in zip(ASYM_SAVES, ckpt.handles, strict=True):
+        metrics = handle.metrics
+        assert metrics["mode"] == "asym" and metrics["overlapped_bytes"] > 0, metrics
+        plan = metrics["plan"]
+        print(f"rank {rank} step {step}: overlapped {metrics['overlapped_bytes']} B, "
+              f"residual {metrics['residual_bytes']} B, plan {plan}", flush=True)
+    for step in ASYM_SAVES:
+        path, _ = engine.load_checkpoint(str(work / "ds"), tag=f"global_step{step}")
+        assert Path(path).parent.name == f"global_step{step}", path
+        assert_same(expected[step], _state(engine))
+    ckpt.close()
+    print(f"ASYM {rank}", flush=True)
+
+
 SCENARIOS: dict[str, Callable[[int, Path], None]] = {
     "save": _scenario_save, "resume": _scenario_resume, "crash": _scenario_crash,
+    "asym": _scenario_asym, "reshard": _scenario_reshard,
 }
 
 
@@ -174,17 +244,17 @@ def _free_port() -> int:
 
 
 def _spawn(scenario: str, work: Path, timeout: float = 150,
-           env: dict[str, str] | None = None) -> list[tuple[int, str]]:
-    """Run ``scenario`` on ranks 0 and 1; (exit code, output) per rank."""
+           env: dict[str, str] | None = None, world: int = WORLD) -> list[tuple[int, str]]:
+    """Run ``scenario`` on ``world`` ranks; (exit code, output) per rank."""
     port = str(_free_port())
     procs = [subprocess.Popen(
         [sys.executable, "-c", CHILD, scenario, str(r), str(work)], cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu",
-             "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(WORLD),
-             "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+             "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+             "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
              "OMP_NUM_THREADS": "1", **(env or {})})
-        for r in range(WORLD)]
+        for r in range(world)]
     return collect(procs, timeout)
 
 
@@ -235,6 +305,29 @@ def test_a_rank_killed_mid_save_resumes_from_the_last_committed_checkpoint(
         assert _losses(tmp_path, "resumed", rank) == _losses(reference, "losses", rank)[SAVE_AT:]
 
 
+@pytest.mark.slow
+def test_zero3_checkpoint_restores_at_another_world_size_through_a_universal_export(
+        reference: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "asymcheck.cli", "restore", str(SAVE_AT), "--tier",
+         f"file://{reference / 'checkpoints'}", "--format", "deepspeed-universal", "--to",
+         str(reference / "universal")], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 0, out.stderr
+    assert f"step {SAVE_AT}, DeepSpeed universal checkpoint" in out.stdout, out.stdout
+    assert (reference / "universal" / "latest_universal").read_text() == f"global_step{SAVE_AT}"
+    results = _spawn("reshard", reference, world=1)
+    _ok(results, "RESHARDED")
+
+
+@pytest.mark.slow
+def test_zero3_partitions_copied_in_the_next_iteration_equal_the_state_at_each_save(
+        tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    results = _spawn("asym", tmp_path)
+    _ok(results, "ASYM")
+
+
 def test_importing_without_deepspeed_names_the_extra() -> None:
     code = ("import sys; sys.modules['deepspeed'] = None\n"
             "try:\n    import asymcheck.integrations.deepspeed\n"
@@ -282,3 +375,23 @@ def test_install_refuses_zero_stages_below_3() -> None:
     with pytest.raises(NotImplementedError, match="supports ZeRO stage 3, this engine runs "
                                                   "stage 2"):
         install(engine)
+
+
+def test_deepspeed_export_of_a_checkpoint_saved_without_deepspeed_says_so(
+        tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    from asymcheck import Checkpointer, default_policy
+
+    local = tmp_path / "checkpoints"
+    model = torch.nn.Linear(4, 4)
+    with Checkpointer(model, policy=default_policy(local), mode="naive") as ckpt:
+        ckpt.save_sync(1).wait_all_sync(60)
+    out = subprocess.run(
+        [sys.executable, "-m", "asymcheck.cli", "restore", "1", "--tier", f"file://{local}",
+         "--format", "deepspeed", "--to", str(tmp_path / "ds")], cwd=REPO, capture_output=True,
+        text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO),
+                                     "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 2, out
+    assert out.stderr.strip().endswith("step 1 was not saved through a DeepSpeed engine "
+                                       "(asymcheck.integrations.deepspeed)"), out.stderr
+    assert not (tmp_path / "ds").exists()

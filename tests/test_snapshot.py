@@ -140,6 +140,49 @@ def test_unused_and_frozen_parameters_are_saved_exactly() -> None:
     assert metrics[-1]["residual_bytes"] >= 0
 
 
+class TrainState:
+    """Training state handed over as an extra (as an integration does): the parameters and the
+    optimizer's state, the live tensors themselves."""
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+        self.model, self.opt = model, opt
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"params": {n: p.detach() for n, p in self.model.named_parameters()},
+                "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: Any) -> None:
+        raise NotImplementedError
+
+
+def test_an_extras_parameters_and_optimizer_state_are_copied_behind_the_hooks_step_gate(
+        ) -> None:
+    torch.manual_seed(0)
+    model, loss_fn = gpt2()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    expected, handles = {}, []
+    with asymcheck.Checkpointer(None, extras={"train": TrainState(model, opt)},
+                                policy=host_only(12), warmup_iterations=3,
+                                min_partition_bytes=1024, snapshot_hooks=(model, [opt])) as ckpt:
+        for step in range(10):
+            loss_fn(step).backward()
+            opt.step()
+            opt.zero_grad()
+            expected[step] = copy.deepcopy(TrainState(model, opt).state_dict())
+            handles.append(ckpt.save_sync(step))
+        for step, h in enumerate(handles):
+            h.staged.wait(60)
+            loaded = ckpt.load_sync(step)
+            assert loaded is not None
+            assert_same(expected[step], loaded.state["extras"]["train"], f"step {step}")
+    modes = [h.metrics["mode"] for h in handles]
+    assert set(modes[3:]) == {"asym"}, modes
+    assert all(h.metrics["overlapped_bytes"] > 0 for h in handles[4:-1]), \
+        "copies must run during the next iteration's windows"
+    with pytest.raises(ValueError, match="snapshot_hooks is for state saved as an extra"):
+        asymcheck.Checkpointer(model, opt, snapshot_hooks=(model, [opt]))
+
+
 def test_save_twice_without_a_step_between(policy: asymcheck.Policy) -> None:
     model, loss_fn = gpt2()
     opt = torch.optim.AdamW(model.parameters())

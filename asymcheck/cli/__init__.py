@@ -110,12 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("step", type=step_arg, metavar="STEP", help="step number or 'latest'")
     res.add_argument("--to", required=True, metavar="FILE",
                      help="FILE.pt (model + optimizers + step) or FILE.safetensors (model); "
-                     "of a multi-rank checkpoint, rank 0's shard; with --format hf or dcp a "
-                     "folder")
-    res.add_argument("--format", choices=("pt", "safetensors", "hf", "dcp"), default=None,
+                     "of a multi-rank checkpoint, rank 0's shard; with --format hf, dcp, "
+                     "deepspeed or deepspeed-universal a folder")
+    res.add_argument("--format", choices=("pt", "safetensors", "hf", "dcp", "deepspeed",
+                                          "deepspeed-universal"), default=None,
                      help="pt | safetensors | hf (a from_pretrained folder: model.safetensors "
                      "+ config.json) | dcp (a torch.distributed.checkpoint folder: model + "
-                     "optim + step); default: from the suffix of FILE")
+                     "optim + step) | deepspeed (DeepSpeed's own files of every rank, saved "
+                     "through asymcheck.integrations.deepspeed) | deepspeed-universal (those "
+                     "as a DeepSpeed universal checkpoint: any world size); default: from the "
+                     "suffix of FILE")
     res.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     res.set_defaults(func=cmd_restore)
 

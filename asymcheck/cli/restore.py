@@ -3,7 +3,8 @@ Hugging Face model folder (``--format hf``: ``model.safetensors`` + ``config.jso
 ``AutoModel*.from_pretrained(DIR)`` loads; the config comes from the checkpoint's ``hf_config``
 extra, which the transformers integration saves), or to a torch Distributed Checkpoint folder
 (``--format dcp``: ``{"model", "optim", "step"}``, which ``torch.distributed.checkpoint.load``
-reads; see ``asymcheck.dcpinterop``).
+reads; see ``asymcheck.dcpinterop``), or, for a checkpoint saved through DeepSpeed
+(``asymcheck.integrations.deepspeed``), to DeepSpeed's own or universal format (``dsexport``).
 
 Each tensor is read from the fastest tier with a good copy (``asymcheck.restore``). A
 multi-rank checkpoint is exported from rank 0's shard, read on the tiers where it is the shard
@@ -35,6 +36,7 @@ from ..restore import LoadedCheckpoint, load_checkpoint, steps_by_tier
 from ._output import EXIT_OK, fmt_bytes
 from ._ranks import shard_records
 from ._tiers import Session, first_readable_manifest, missing_dir, run_with_tiers
+from .dsexport import DEEPSPEED_FORMATS, export_deepspeed
 
 Meta = dict[str, int]
 
@@ -143,14 +145,16 @@ EXPORTERS: dict[str, Callable[[dict[str, Any], int, Path, Meta | None], int]] = 
 EXPORTED = {".pt": ("model", "optimizers"), ".safetensors": ("model",), "hf": ("model",),
             "dcp": ("model", "optimizers")}
 #: ``--format`` names
-FORMATS = {"pt": ".pt", "safetensors": ".safetensors", "hf": "hf", "dcp": "dcp"}
+FORMATS = {"pt": ".pt", "safetensors": ".safetensors", "hf": "hf", "dcp": "dcp",
+           **{f: f for f in DEEPSPEED_FORMATS}}
 #: formats written as a folder
-FOLDERS = ("hf", "dcp")
+FOLDERS = ("hf", "dcp", *DEEPSPEED_FORMATS)
 
 
-async def load(session: Session, step: int | None) -> tuple[LoadedCheckpoint, Manifest]:
+async def load(session: Session, step: int | None, rank: int = 0
+               ) -> tuple[LoadedCheckpoint, Manifest]:
     """The checkpoint and a (global) manifest of it. Of a multi-rank checkpoint: sharded tensors
-    whole, put together from every rank's shard; the other state from rank 0's shard."""
+    whole, put together from every rank's shard; the other state from ``rank``'s shard."""
     present = [t for t in session.tiers if missing_dir(t) is None]
     found = await steps_by_tier(present)
     if step is None and not found:
@@ -175,7 +179,9 @@ async def load(session: Session, step: int | None) -> tuple[LoadedCheckpoint, Ma
         shards = (session.shard(t, rank) for t in found[step] if t.name in digests)
         return [t for t in shards if t is not None]
 
-    loaded = await Placer(step, m.world_size, views, rank=0, world=1, targets=None,
+    if not 0 <= rank < m.world_size:
+        raise UsageError(f"step {step} was saved by {m.world_size} ranks: it has no rank {rank}")
+    loaded = await Placer(step, m.world_size, views, rank=rank, world=1, targets=None,
                           digests=digests).load()
     return loaded, m
 
@@ -197,7 +203,7 @@ def check_target(args: argparse.Namespace) -> tuple[Path, str]:
     """The target and its format (``.pt``, ``.safetensors``, ``hf`` or ``dcp``)."""
     target = Path(args.to)
     fmt = FORMATS[args.format] if getattr(args, "format", None) else target.suffix
-    if fmt not in EXPORTERS:
+    if fmt not in EXPORTERS and fmt not in DEEPSPEED_FORMATS:
         raise UsageError(f"--to {args.to}: the file must end in .pt or .safetensors "
                          "(or pass --format pt|safetensors|hf|dcp)")
     if target.exists() and not args.force:
@@ -240,6 +246,8 @@ def _size(path: Path, names: list[str] | None) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     target, fmt = check_target(args)
+    if fmt in DEEPSPEED_FORMATS:
+        return export_deepspeed(args, target, fmt == "deepspeed-universal")
 
     async def body(session: Session) -> tuple[LoadedCheckpoint, Manifest]:
         return await load(session, args.step)

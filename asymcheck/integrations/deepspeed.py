@@ -20,8 +20,8 @@ what each rank saves: every ``checkpoint_engine.save(state_dict, path)`` of one
 ``engine.save_checkpoint`` (under ZeRO-3 each rank's model-states file and its optimizer-state
 partition) is recorded under the file's name, and ``commit`` saves the recorded files of the
 rank as that rank's shard of ONE AsymCheck checkpoint, at the engine's global step. The state
-is copied into the host tier before ``save_checkpoint`` returns; the slower tiers are written in
-the background, and with several ranks rank 0 writes the global manifest once every rank's
+is in the host tier soon after ``save_checkpoint`` returns (below); the slower tiers are written
+in the background, and with several ranks rank 0 writes the global manifest once every rank's
 shard is durable on a tier (``rankcommit``). Retention follows the policy's ``keep``.
 
 ``engine.load_checkpoint(dir, tag=None)`` (wrapped by ``install``) loads the newest checkpoint
@@ -37,13 +37,28 @@ enums, ``torch.Size``, ``torch.dtype`` and DeepSpeed's loss scalers. Any other o
 ``client_state``, say) is refused with its file and path. One checkpoint per global step.
 
 ``engine.save_16bit_model`` (an export of the consolidated weights, not a checkpoint) writes
-its file with ``torch.save`` as DeepSpeed's default engine does.
+its file with ``torch.save`` as DeepSpeed's default engine does, and a DeepSpeed universal
+checkpoint (``"checkpoint": {"load_universal": true}`` in the config) is read as DeepSpeed reads
+it: those are DeepSpeed's own files.
+
+Another world size: ZeRO-3 partitions are laid out for the world size that saved them, so
+``load_checkpoint`` refuses a checkpoint of another world size and names the way across:
+``asymcheck restore STEP --format deepspeed-universal --to DIR`` (``write_files`` +
+``to_universal``: every saved rank's files, from the nearest tier holding each, converted by
+DeepSpeed's ``ds_to_universal``) writes a universal checkpoint, which DeepSpeed loads at any
+world size with ``load_universal``; training then goes on saving through AsymCheck.
 
 Only ZeRO stage 3 is supported: there every rank saves and loads its own files. Under stages
 0-2 the model-states file is written by one rank and read by all, which ``install`` refuses.
 
-The copy happens at ``save_checkpoint`` (no asymmetric snapshot of the ZeRO partitions during
-the next iteration).
+Asymmetric snapshots (the Checkpointer's default ``mode="asym"``): the fp32 master partitions
+and the optimizer state partitions change only inside ``engine.step()`` (the inner optimizer's
+``step``). ``save_checkpoint`` copies the rest (counters, buffers, the scaler, client state)
+and returns; those partitions are copied during the next iteration's forward and backward
+passes, in windows that follow the module's forward order (ZeRO-3's fetch order), sized from
+the profiled idle time of each, and the next ``engine.step()`` waits only for what is left.
+Until the profile is taken (``warmup_iterations``, default 10) and with ``mode="naive"``,
+everything is copied inside ``save_checkpoint``.
 """
 
 from __future__ import annotations
@@ -54,7 +69,7 @@ import importlib
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +239,7 @@ class AsymCheckEngine(CheckpointEngine):
         self._saved_steps: set[int] = set()
         self._loaded: dict[str, Any] = {}  # absolute file path -> encoded state dict
         self._loaded_step: int | None = None
-        self._exporting = False  # inside engine.save_16bit_model: plain files, no checkpoint
+        self._plain = False  # DeepSpeed's own files (save_16bit_model, universal loads)
         #: the handle of each save, oldest first
         self.handles: list[SaveHandle] = []
 
@@ -234,7 +249,7 @@ class AsymCheckEngine(CheckpointEngine):
         self._dir = os.path.join(os.path.abspath(info.save_dir), str(info.tag))
 
     def save(self, state_dict: Any, path: str) -> None:
-        if self._exporting:
+        if self._plain:
             torch.save(state_dict, path)
             return
         name = os.path.relpath(os.path.abspath(path), self._dir) if self._dir else ".."
@@ -244,7 +259,7 @@ class AsymCheckEngine(CheckpointEngine):
         self._recorded.files[name] = encode(state_dict, name)
 
     def commit(self, info: CheckpointCommitInfo) -> bool:
-        if self._exporting:
+        if self._plain:
             return True
         step = int(self.engine.global_steps)
         if step in self._saved_steps:
@@ -258,6 +273,8 @@ class AsymCheckEngine(CheckpointEngine):
         return True
 
     def load(self, path: str, map_location: Any = None) -> Any:
+        if self._plain:
+            return torch.load(path, map_location=map_location, weights_only=False)
         key = os.path.abspath(path)
         if key not in self._loaded:
             where = "no checkpoint is loaded" if self._loaded_step is None else \
@@ -273,12 +290,27 @@ class AsymCheckEngine(CheckpointEngine):
     def load_checkpoint(self, original: Callable[..., Any], load_dir: str,
                         tag: str | None = None, *args: Any, **kwargs: Any) -> Any:
         """Resolve ``tag`` to a committed AsymCheck checkpoint, then run DeepSpeed's own
-        ``load_checkpoint`` on it (every rank calls this, as DeepSpeed requires)."""
+        ``load_checkpoint`` on it (every rank calls this, as DeepSpeed requires). A universal
+        checkpoint (``load_universal`` in the config) is DeepSpeed's own: read as it is."""
+        if self.engine.load_universal_checkpoint():
+            self._plain = True
+            try:
+                return original(load_dir, tag, *args, **kwargs)
+            finally:
+                self._plain = False
         loaded = self._resolve(tag)
         if loaded is None:
             log.info("no committed AsymCheck checkpoint: starting fresh")
             return None, None
         saved_tag = _tag(loaded)
+        world = self.engine.dp_world_size
+        if loaded.manifest.world_size != world:
+            raise ValueError(
+                f"checkpoint step {loaded.step} was saved by {loaded.manifest.world_size} ranks, "
+                f"this job has {world}: ZeRO-3 partitions are laid out per world size. Write a "
+                f"DeepSpeed universal checkpoint (asymcheck restore {loaded.step} --format "
+                "deepspeed-universal --to DIR) and load DIR with \"checkpoint\": "
+                "{\"load_universal\": true} in the DeepSpeed config")
         state = loaded.state["extras"][EXTRA]
         base = os.path.join(os.path.abspath(load_dir), saved_tag)
         self._loaded = {os.path.join(base, name): sd for name, sd in state["files"].items()}
@@ -325,6 +357,46 @@ def _tag(loaded: LoadedCheckpoint) -> str:
     return str(state["tag"])
 
 
+# ---------------------------------------------------------------- DeepSpeed's own files
+def write_files(files_by_rank: Sequence[Mapping[str, Any]], tag: str,
+                directory: str | os.PathLike[str]) -> list[Path]:
+    """DeepSpeed's own checkpoint of one save: each saved rank's recorded files (the
+    ``"files"`` of the extra, rank by rank) written with ``torch.save`` under
+    ``directory/tag``, then the ``latest`` file naming ``tag``. Returns the files written."""
+    base = Path(directory)
+    written = []
+    for files in files_by_rank:
+        for name, state in sorted(files.items()):
+            path = (base / tag / name).resolve()
+            if not path.is_relative_to((base / tag).resolve()):
+                raise ValueError(f"file name {name!r} in checkpoint leaves its directory")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(decode(state), path)
+            written.append(path)
+    (base / "latest").write_text(tag)
+    return written
+
+
+def to_universal(directory: str | os.PathLike[str], tag: str,
+                 out: str | os.PathLike[str]) -> None:
+    """Convert DeepSpeed's checkpoint ``directory/tag`` (``write_files``) into a universal
+    checkpoint ``out/tag`` with ``out/latest_universal`` (DeepSpeed's ``ds_to_universal``),
+    which DeepSpeed loads at any world size with ``"checkpoint": {"load_universal": true}``."""
+    import argparse
+    import contextlib
+    import sys
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(Path(directory) / tag),
+                              output_folder=str(Path(out) / tag), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=False)
+    with contextlib.redirect_stdout(sys.stderr):  # its progress report
+        ds_to_universal.main(args)
+    (Path(out) / "latest_universal").write_text(tag)
+
+
 def install(engine: Any, policy: str | os.PathLike[str] | Policy | None = None,
             **checkpointer_args: Any) -> AsymCheckEngine:
     """Make AsymCheck the checkpoint engine of the DeepSpeed ``engine``: call it on every rank
@@ -335,8 +407,15 @@ def install(engine: Any, policy: str | os.PathLike[str] | Policy | None = None,
         raise NotImplementedError(f"asymcheck.integrations.deepspeed supports ZeRO stage 3, "
                                   f"this engine runs stage {stage}")
     recorded = _Recorded()
+    inner = getattr(engine.optimizer, "optimizer", None)
+    hooks = None
+    if checkpointer_args.get("mode", "asym") == "asym":
+        if not hasattr(inner, "register_step_pre_hook"):
+            raise TypeError(f"ZeRO-3's inner optimizer ({type(inner).__name__}) is not a torch "
+                            "optimizer, so its step cannot be gated: pass mode='naive'")
+        hooks = (engine.module, [inner])
     checkpointer = Checkpointer(None, policy=policy, extras={EXTRA: recorded},
-                                **checkpointer_args)
+                                snapshot_hooks=hooks, **checkpointer_args)
     ours = AsymCheckEngine(engine, checkpointer, recorded)
     previous = engine.checkpoint_engine
     if previous is not None and previous.is_decoupled():
@@ -348,11 +427,11 @@ def install(engine: Any, policy: str | os.PathLike[str] | Policy | None = None,
         return ours.load_checkpoint(original, load_dir, tag, *args, **kwargs)
 
     def save_16bit_model(*args: Any, **kwargs: Any) -> Any:
-        ours._exporting = True
+        ours._plain = True
         try:
             return export(*args, **kwargs)
         finally:
-            ours._exporting = False
+            ours._plain = False
 
     engine.load_checkpoint = load_checkpoint
     export, engine.save_16bit_model = engine.save_16bit_model, save_16bit_model
