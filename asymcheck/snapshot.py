@@ -25,6 +25,10 @@ from .state import dtype_name
 log = logging.getLogger(__name__)
 
 ALIGN_BYTES = 64
+#: tensors of at least PAGE_ALIGN_FROM bytes start on a page of the block, so a tier can write
+#: them to disk straight from it (O_DIRECT)
+PAGE_BYTES = 4096
+PAGE_ALIGN_FROM = 64 << 10
 DEFAULT_CHUNK_BYTES = 8 << 20
 
 
@@ -55,6 +59,8 @@ class Layout:
         slots, offset = [], 0
         for path, t in zip(paths, tensors, strict=True):
             n = tensor_nbytes(t)
+            if n >= PAGE_ALIGN_FROM:
+                offset = -(-offset // PAGE_BYTES) * PAGE_BYTES
             slots.append(Slot(path, dtype_name(t.dtype), tuple(t.shape), offset, n))
             offset += -(-n // ALIGN_BYTES) * ALIGN_BYTES
         return cls(tuple(slots), offset, chunk_bytes)

@@ -21,8 +21,8 @@ step() {  # step SECONDS NAME COMMAND...
   echo "=== $name: exit $rc"
   [[ $rc == 0 ]] || status=1
 }
-step 150 tests python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_cuda.py \
-  tests/test_snapshot.py
+step 240 tests python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_cuda.py \
+  tests/test_snapshot.py tests/test_integration_deepspeed.py
 step 60 d2h python3 benchmarks/d2h.py --mib 1024 --out "$out/d2h.json"
 step 240 stall python3 benchmarks/stall.py --device cuda --layers 6 --width 768 --vocab 16384 \
   --batch 16 --iterations 12 --out "$out/stall-cuda.json"

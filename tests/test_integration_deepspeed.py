@@ -57,7 +57,7 @@ def _engine(seed: int, universal: bool = False) -> Any:
 
 def _train_step(engine: Any, rank: int) -> float:
     g = torch.Generator().manual_seed(1000 * rank + int(engine.global_steps))
-    loss = engine(torch.randn(4, WIDTH, generator=g)).square().mean()
+    loss = engine(torch.randn(4, WIDTH, generator=g).to(engine.device)).square().mean()
     engine.backward(loss)
     engine.step()
     return float(loss.item())
@@ -205,6 +205,8 @@ def _scenario_asym(rank: int, work: Path) -> None:
     for step, handle in zip(ASYM_SAVES, ckpt.handles, strict=True):
         metrics = handle.metrics
         assert metrics["mode"] == "asym" and metrics["overlapped_bytes"] > 0, metrics
+        if engine.device.type == "cuda":  # copied on the side stream into page-locked memory
+            assert metrics["host_pinned"], metrics
         plan = metrics["plan"]
         print(f"rank {rank} step {step}: overlapped {metrics['overlapped_bytes']} B, "
               f"residual {metrics['residual_bytes']} B, plan {plan}", flush=True)
@@ -230,9 +232,13 @@ def _child(scenario: str, rank: str, work: str) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"rank {rank} %(name)s: %(message)s")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.set_num_threads(1)
-    # the shared-memory all-reduce kernel would be compiled at start-up (minutes); gloo does
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo")
+    if os.environ["DS_ACCELERATOR"] == "cuda":
+        torch.cuda.set_device(int(rank))
+        deepspeed.init_distributed(dist_backend="nccl")
+    else:
+        # the shared-memory all-reduce kernel would be compiled at start-up (minutes); gloo does
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(dist_backend="gloo")
     SCENARIOS[scenario](int(rank), Path(work))
 
 
@@ -325,6 +331,15 @@ def test_zero3_partitions_copied_in_the_next_iteration_equal_the_state_at_each_s
         tmp_path: Path) -> None:
     pytest.importorskip("deepspeed")
     results = _spawn("asym", tmp_path)
+    _ok(results, "ASYM")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_zero3_on_the_device_over_nccl_copies_partitions_on_the_side_stream(
+        tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    results = _spawn("asym", tmp_path, env={"DS_ACCELERATOR": "cuda"}, world=1)
     _ok(results, "ASYM")
 
 

@@ -37,9 +37,8 @@ enums, ``torch.Size``, ``torch.dtype`` and DeepSpeed's loss scalers. Any other o
 ``client_state``, say) is refused with its file and path. One checkpoint per global step.
 
 ``engine.save_16bit_model`` (an export of the consolidated weights, not a checkpoint) writes
-its file with ``torch.save`` as DeepSpeed's default engine does, and a DeepSpeed universal
-checkpoint (``"checkpoint": {"load_universal": true}`` in the config) is read as DeepSpeed reads
-it: those are DeepSpeed's own files.
+its file and a DeepSpeed universal checkpoint (``"checkpoint": {"load_universal": true}`` in the
+config) is read, through DeepSpeed's default engine: those are DeepSpeed's own files.
 
 Another world size: ZeRO-3 partitions are laid out for the world size that saved them, so
 ``load_checkpoint`` refuses a checkpoint of another world size and names the way across:
@@ -78,6 +77,9 @@ try:
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import (
         CheckpointCommitInfo,
         CheckpointEngine,
+    )
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+        TorchCheckpointEngine,
     )
     from deepspeed.runtime.fp16.loss_scaler import LossScalerBase
 except ImportError:
@@ -239,7 +241,9 @@ class AsymCheckEngine(CheckpointEngine):
         self._saved_steps: set[int] = set()
         self._loaded: dict[str, Any] = {}  # absolute file path -> encoded state dict
         self._loaded_step: int | None = None
-        self._plain = False  # DeepSpeed's own files (save_16bit_model, universal loads)
+        # DeepSpeed's own files (save_16bit_model, universal loads) go through its own engine
+        self._plain = False
+        self._own = TorchCheckpointEngine()
         #: the handle of each save, oldest first
         self.handles: list[SaveHandle] = []
 
@@ -250,7 +254,7 @@ class AsymCheckEngine(CheckpointEngine):
 
     def save(self, state_dict: Any, path: str) -> None:
         if self._plain:
-            torch.save(state_dict, path)
+            self._own.save(state_dict, path)
             return
         name = os.path.relpath(os.path.abspath(path), self._dir) if self._dir else ".."
         if name.startswith(".."):
@@ -274,7 +278,7 @@ class AsymCheckEngine(CheckpointEngine):
 
     def load(self, path: str, map_location: Any = None) -> Any:
         if self._plain:
-            return torch.load(path, map_location=map_location, weights_only=False)
+            return self._own.load(path, map_location=map_location)
         key = os.path.abspath(path)
         if key not in self._loaded:
             where = "no checkpoint is loaded" if self._loaded_step is None else \

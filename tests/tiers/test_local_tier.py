@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import itertools
+import mmap
 import os
+import random
 import time
 from pathlib import Path
 
@@ -20,7 +23,7 @@ def files_under(root: Path) -> list[str]:
 
 async def test_a_write_failing_midway_leaves_no_key_and_no_tmp_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tier = LocalTier(tmp_path.as_uri(), name="disk")
+    tier = LocalTier(tmp_path.as_uri(), name="disk", direct=False)
     await tier.put("step/old.bin", b"committed")
     real_writev = os.writev
     calls = []
@@ -39,6 +42,94 @@ async def test_a_write_failing_midway_leaves_no_key_and_no_tmp_file(
     assert "disk" in str(info.value) and "step/new.bin" in str(info.value)
     assert files_under(tmp_path) == ["step/old.bin"]
     assert await tier.list() == ["step/old.bin"]
+
+
+def _direct_supported(directory: Path) -> bool:
+    fd = os.open(directory / "probe", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)
+        os.write(fd, buf)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(directory / "probe")
+
+
+def _aligned(nbytes: int, seed: int) -> memoryview:
+    """``nbytes`` random bytes at a page-aligned address (as a host block holds them)."""
+    buf = mmap.mmap(-1, max(nbytes, 1))
+    buf[:nbytes] = random.Random(seed).randbytes(nbytes)
+    return memoryview(buf)[:nbytes]
+
+
+PAYLOADS = {
+    "aligned-with-tail": lambda: [_aligned(3 * 4096 + 123, 1)],
+    "unaligned-bytes": lambda: [random.Random(2).randbytes(10_000)],
+    "mixed": lambda: [_aligned(2 * 4096, 3), b"small", _aligned(5 * 4096, 4)[1:], b"z"],
+    "empty": lambda: [b""],
+    "bounce-full-plus-one": lambda: [random.Random(5).randbytes((4 << 20) + 1)],
+    "several-bounces": lambda: [b"x", _aligned(9 << 20, 6)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAYLOADS))
+async def test_durable_writes_bypass_the_page_cache_and_store_the_bytes_exactly(
+        tmp_path: Path, name: str) -> None:
+    tier = LocalTier(tmp_path.as_uri())
+    parts = PAYLOADS[name]()
+    await tier.put("step/k.bin", parts)
+    want = b"".join(bytes(p) for p in parts)
+    assert (tmp_path / "step" / "k.bin").read_bytes() == want
+    assert await tier.get("step/k.bin") == want
+    assert tier.direct == _direct_supported(tmp_path)  # O_DIRECT stayed on where it works
+
+
+async def test_a_direct_write_failing_midway_leaves_no_key_and_no_tmp_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = LocalTier(tmp_path.as_uri(), name="disk")
+    real_write = os.write
+    calls = []
+
+    def failing_write(fd: int, data: memoryview) -> int:
+        calls.append(fd)
+        if len(calls) == 1:
+            return real_write(fd, data)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", failing_write)
+    with pytest.raises(OSError) as info:
+        await tier.put("step/new.bin", [_aligned((8 << 20) + 1, 7)])
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC and len(calls) == 2
+    assert files_under(tmp_path) == []
+
+
+async def test_a_filesystem_refusing_direct_writes_gets_buffered_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = LocalTier(tmp_path.as_uri())
+    real_write = os.write
+
+    def refusing_write(fd: int, data: memoryview) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", refusing_write)
+    parts = PAYLOADS["mixed"]()
+    await tier.put("a", parts)
+    await tier.put("b", parts)
+    monkeypatch.undo()
+    want = b"".join(bytes(p) for p in parts)
+    assert (tmp_path / "a").read_bytes() == want == (tmp_path / "b").read_bytes()
+    assert tier.direct is False
+
+
+def test_the_direct_option_must_be_a_bool(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="option direct must be true or false"):
+        LocalTier(tmp_path.as_uri(), direct="yes")  # type: ignore[arg-type]
 
 
 async def test_a_payload_with_a_bad_part_writes_nothing(tmp_path: Path) -> None:
