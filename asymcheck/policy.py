@@ -60,7 +60,7 @@ class TierPolicy:
 
 @dataclass(frozen=True)
 class CompressionPolicy:
-    mode: str = "off"  # off | auto | always
+    mode: str = "auto"  # off | auto | always
     full_every: int = 10
     level: int = 1
     min_bytes: int = 1 << 20  # smaller tensors are always stored raw
@@ -240,7 +240,7 @@ def _parse_compression(raw: Any, fail: Any) -> CompressionPolicy:
         if key not in _COMPRESSION_KEYS:
             raise fail(f"compression.{key}",
                        f"unknown key (known: {', '.join(sorted(_COMPRESSION_KEYS))})")
-    mode = raw.get("mode", "off")
+    mode = raw.get("mode", "auto")
     if mode not in ("off", "auto", "always"):
         raise fail("compression.mode", f"must be off, auto or always, got {mode!r}")
     full_every = raw.get("full_every", 10)

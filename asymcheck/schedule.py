@@ -253,8 +253,11 @@ class FlushScheduler:
             if isinstance(exc, Exception):
                 self._remove_later(tier, man.step, writer.files)
             raise
+        # the bases this checkpoint needs: those of its delta-coded chunks (retention keeps them)
+        used = sorted({c.base_step for t in out.tensors for c in t.chunks
+                       if c.base_step is not None})
         compression = {"mode": self._policy.compression.mode, "full": base is None,
-                       "base_steps": [base.step] if base is not None else [],
+                       "base_steps": used,
                        "raw_bytes": out.raw_bytes, "stored_bytes": out.stored_bytes,
                        "decisions": out.decisions}
         committed = man.with_layout(tuple(out.tensors), tuple(files), tuple(writer.segments),
