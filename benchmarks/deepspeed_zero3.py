@@ -74,11 +74,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cpumeter
+from harness import tensor_bytes
 from sharded import (
-    _free_port,
     add_background_cpu,
     differences,
     drop_page_cache,
+    run_ranks,
     shm_dirs,
     tree_cpu_s,
 )
@@ -155,16 +156,6 @@ def zero_state(engine: Any) -> dict[str, torch.Tensor]:
             if isinstance(v, torch.Tensor):
                 out[f"optim/{i}/{k}"] = v.detach().clone()
     return out
-
-
-def tensor_bytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.nbytes
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
 
 
 # --------------------------------------------------------------------------- methods
@@ -795,18 +786,8 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {args.batch}x{args.seq} per rank; checkpoint every {args.every}; "
           f"{args.warmup} warm-up + {args.iterations} timed iterations, "
           f"{args.rounds} rounds; load average {load_start}", flush=True)
-    import torch.multiprocessing as mp
     try:
-        ctx = mp.start_processes(rank_main, args=(cfg, _free_port(), str(work)), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-        deadline = time.monotonic() + args.timeout_s
-        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                for proc in ctx.processes:
-                    if proc.is_alive():
-                        proc.kill()
-                raise TimeoutError(f"the ranks did not finish within {args.timeout_s} s")
-        per_rank = [json.loads((work / f"rank-{r}.json").read_text()) for r in range(WORLD)]
+        per_rank = run_ranks(rank_main, cfg, work, args.timeout_s)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)

@@ -628,6 +628,24 @@ def reshard_restore(row: str, cfg: dict[str, Any], work: Path) -> dict[str, Any]
 
 # --------------------------------------------------------------------------- summary
 
+def run_ranks(main: Any, cfg: dict[str, Any], work: Path, timeout_s: float
+              ) -> list[dict[str, Any]]:
+    """Run ``main(rank, cfg, port, work)`` on WORLD spawned ranks (killed after ``timeout_s``);
+    each rank's results, which it wrote to ``work/rank-<r>.json``."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(main, args=(cfg, _free_port(), str(work)), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            raise TimeoutError(f"the ranks did not finish within {timeout_s} s")
+    return [json.loads((work / f"rank-{r}.json").read_text()) for r in range(WORLD)]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -756,18 +774,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.seq} per rank; checkpoint every {args.every}; {args.warmup} warm-up + "
           f"{args.iterations} timed iterations, {args.rounds} rounds; load average "
           f"{load_start}", flush=True)
-    import torch.multiprocessing as mp
     try:
-        ctx = mp.start_processes(rank_main, args=(cfg, _free_port(), str(work)), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-        deadline = time.monotonic() + args.timeout_s
-        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                for proc in ctx.processes:
-                    if proc.is_alive():
-                        proc.kill()
-                raise TimeoutError(f"the ranks did not finish within {args.timeout_s} s")
-        per_rank = [json.loads((work / f"rank-{r}.json").read_text()) for r in range(WORLD)]
+        per_rank = run_ranks(rank_main, cfg, work, args.timeout_s)
         add_background_cpu(per_rank)
         summary = {row: summarize(row, [pr[row] for pr in per_rank]) for row in rows}
         for row in rows:
