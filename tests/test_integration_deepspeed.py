@@ -103,8 +103,9 @@ def _scenario_save(rank: int, work: Path) -> None:
     ckpt = _install(engine, work)
     losses = [_train_step(engine, rank) for _ in range(SAVE_AT)]
     engine.save_checkpoint(str(work / "ds"), client_state={"epoch": 1, "seen": [1, 2]})
+    rng = torch.get_rng_state()
     ckpt.handles[-1].wait_all_sync(60)
-    torch.save(_state(engine), work / f"expected-{rank}.pt")
+    torch.save({**_state(engine), "rng": rng}, work / f"expected-{rank}.pt")
     full = _full_state(engine)
     if rank == 0:
         torch.save(full, work / "expected-full.pt")
@@ -125,7 +126,7 @@ def _scenario_resume(rank: int, work: Path) -> None:
     assert client["epoch"] == 1 and client["seen"] == [1, 2], client
     if (work / f"expected-{rank}.pt").exists():
         expected = torch.load(work / f"expected-{rank}.pt", weights_only=False)
-        assert_same(expected, _state(engine))
+        assert_same(expected, {**_state(engine), "rng": torch.get_rng_state()})
     losses = [_train_step(engine, rank) for _ in range(RUN_TO - SAVE_AT)]
     ckpt.close()
     (work / f"resumed-{rank}.json").write_text(json.dumps(losses))

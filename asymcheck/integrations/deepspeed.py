@@ -29,7 +29,8 @@ that is committed on some tier, from the nearest tier that holds it, instead of 
 DeepSpeed's ``latest`` file names (that file is written before a checkpoint is durable). A
 ``tag`` picks a checkpoint: the newest one's own tag, or ``global_step<N>`` (the checkpoint of
 global step N). DeepSpeed then applies the files as it applies its own, so the module, the
-ZeRO partitions, the optimizer state, the LR scheduler and the client state come back exactly;
+ZeRO partitions, the optimizer state, the LR scheduler and the client state come back exactly,
+and each rank's random generators (Python, numpy, torch, CUDA) are set as they were at the save;
 a small marker file is written where DeepSpeed looks for each of this rank's files.
 
 Values: tensors, numbers, strings, bytes, lists, tuples, dicts (``OrderedDict`` kept), sets,
@@ -93,6 +94,7 @@ from ..checkpointer import Checkpointer
 from ..handle import SaveHandle
 from ..policy import Policy
 from ..restore import LoadedCheckpoint
+from ..state import apply_rng
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +328,7 @@ class AsymCheckEngine(CheckpointEngine):
         log.info("loading step %d (tag %s) from AsymCheck", loaded.step, saved_tag)
         try:
             out = original(load_dir, saved_tag, *args, **kwargs)
+            apply_rng(loaded.state["rng"])  # this rank's generators as they were at the save
             self._saved_steps.add(loaded.step)  # on the tiers already
             return out
         finally:
