@@ -269,7 +269,7 @@ class FlushScheduler:
         metrics[f"{tier.name}.fit"] = fit.to_dict()
         metrics[f"{tier.name}.compression"] = compression
         if isinstance(job, FlushJob):
-            await self._advance_base(st, man, full=base is None)
+            await self._advance_base(tier.name, st, man, full=base is None)
         log.debug("step %d durable on %s (%d -> %d bytes)", man.step, tier.name,
                   out.raw_bytes, out.stored_bytes)
 
@@ -379,17 +379,35 @@ class FlushScheduler:
                                  stored_xxh64=ec.stored_xxh64))
         return out
 
-    async def _advance_base(self, st: _TierState, man: Manifest, *, full: bool) -> None:
+    async def _advance_base(self, tier: str, st: _TierState, man: Manifest, *,
+                            full: bool) -> None:
         if self._policy.compression.mode == "off":
             return
         if not full:
             st.since_full += 1
             return
-        self._pin(man.step)  # deltas of the next checkpoints read this copy from host memory
-        old, st.base, st.since_full = st.base, man, 0
+        old, st.since_full = st.base, 0
         st.ratios.clear()  # a new base: sample the ratios afresh
+        if self._deltas_could_pay(tier, man):
+            self._pin(man.step)  # deltas of the next checkpoints read this copy from host memory
+            st.base = man
+        else:  # no host copy held for deltas that could not pay: the next one is full again
+            st.base = None
         if old is not None:
             await self._unpin(old.step)
+
+    def _deltas_could_pay(self, tier: str, man: Manifest) -> bool:
+        """Whether a delta against ``man`` could shorten the write of some tensor on ``tier``.
+        A delta codes more than a full compression does (a difference, then the same
+        shuffle + zstd), so it is no faster: where the tier writes faster than the full codec
+        compresses, no delta can pay, and holding ``man`` in host memory as a base would cost
+        a copy of the state for nothing. Until a codec's speed is measured, it could."""
+        if self._policy.compression.mode == "always":
+            return True
+        codec = DELTA_CODEC if self.cost.codec_known(DELTA_CODEC) else FULL_CODEC
+        if not self.cost.codec_known(codec):
+            return True
+        return any(self.cost.compression_could_pay(tier, codec, t.nbytes) for t in man.tensors)
 
 
 #: bytes of a tensor compressed to estimate its ratio

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,63 @@ def test_a_corrupt_base_never_yields_wrong_tensors(tmp_path: Path) -> None:
     with asymcheck.Checkpointer(model, opt, policy=pol) as ckpt:
         assert ckpt.restore_sync() == 2
     assert_same(expected[2]["model"], model.state_dict())
+
+
+def _auto_run(tmp_path: Path, url: str, options: dict[str, Any]) -> tuple[
+        dict[int, Manifest], set[int]]:
+    """Six saves of random 4 MiB tensors one small step apart with compression ``auto`` to
+    the tier ``url``: its manifests, and the host copies still held as delta bases."""
+    from tests import fault_tiers
+
+    fault_tiers.register()
+    try:
+        torch.manual_seed(0)
+        weights = [torch.randn(1 << 20) for _ in range(3)]
+        policy = asymcheck.Policy(
+            tiers=(asymcheck.TierPolicy(name="host", url="shm://auto-bases", keep=1),
+                   asymcheck.TierPolicy(name="disk", url=url, keep=6, options=options)),
+            compression=asymcheck.CompressionPolicy(mode="auto", full_every=10))
+        state = {"w": weights}
+        with asymcheck.Checkpointer(None, extras={"s": _Plain(state)}, policy=policy,
+                                    mode="naive") as ckpt:
+            for step in range(6):
+                for w in weights:
+                    w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(step)),
+                           alpha=1e-6)
+                ckpt.save_sync(step).wait_all_sync(120)
+            ckpt.wait_idle_sync()
+            held = ckpt._commit.stage.pinned()
+            directory = Path(url.split("://", 1)[1])
+            return _manifests(directory), held
+    finally:
+        fault_tiers.unregister()
+
+
+class _Plain:
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+    def load_state_dict(self, state: Any) -> None:
+        raise NotImplementedError
+
+
+def test_auto_holds_no_delta_base_in_host_memory_where_no_delta_could_pay(
+        tmp_path: Path) -> None:
+    # a file tier in memory (tmpfs) writes far faster than any codec compresses
+    fast = Path(os.environ["ASYMCHECK_SHM_ROOT"]) / "fast-tier"
+    mans, held = _auto_run(tmp_path, f"file://{fast}", {})
+    assert sorted(mans) == list(range(6))
+    assert all(m.info["compression"]["base_steps"] == [] for m in mans.values())
+    assert held == set(), "a base copy held in shared memory for deltas that cannot pay"
+    # on a tier slower than the codec, deltas can pay: the base is held and used
+    slow, held = _auto_run(tmp_path, f"slowfile://{tmp_path / 'slow'}",
+                           {"bandwidth_bps": 5e6})
+    assert any(m.info["compression"]["base_steps"] == [0] for m in slow.values()), \
+        {s: m.info["compression"]["base_steps"] for s, m in slow.items()}
+    assert held == {0}
 
 
 def test_off_mode_stores_everything_raw(tmp_path: Path) -> None:
