@@ -10,7 +10,8 @@ restore is timed and verified from each of them.
 Besides iteration times and the training-thread stall of each checkpoint, a run
 records the time from each save call until that checkpoint is durable on disk,
 the bytes each checkpoint stored, the peak host memory of the run (a sampler
-thread reads ``/proc/self/status`` and adds the method's shared-memory files),
+thread reads ``/proc/self/status`` and adds the machine's shared memory in use beyond the
+start, which holds AsymCheck's host blocks and the peers' shared-memory staging alike),
 and the restore time per tier.
 """
 
@@ -250,39 +251,49 @@ def _status_bytes() -> dict[str, int]:
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+            if line.startswith(("RssAnon:", "RssFile:")):
                 key, value = line.split(":", 1)
                 out[key] = int(value.split()[0]) * 1024
     return out
 
 
+def _system_shmem_bytes() -> int:
+    """Shared memory (tmpfs and shm pages) in use on the machine (``Shmem`` of meminfo)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class MemorySampler:
     """Peak host memory of a run, sampled every ``interval`` seconds in a thread.
 
-    A sample is anonymous + file-backed resident memory of this process plus the size of the
-    files in the method's shared-memory directories (tmpfs pages are host memory whether
-    mapped or not; mapped tmpfs pages are left out of the resident part to count them once).
+    A sample is anonymous + file-backed resident memory of this process plus the shared
+    memory in use on the machine beyond what it was at the start: every shared-memory page a
+    method holds (AsymCheck's host blocks, a peer's shared-memory staging, in this process or
+    a child) counts once, mapped or not, whichever process maps it.
     """
 
     def __init__(self, interval: float = 0.01) -> None:
         self.interval = interval
-        self.dirs: Callable[[], list[Path]] = list
         self.offset = 0  # subtracted from samples: memory the harness itself holds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.available = Path("/proc/self/status").exists()
+        self.available = Path("/proc/self/status").exists() and Path("/proc/meminfo").exists()
         self.baseline = self.peak = 0
-        self.peak_shm = 0
+        self.shm_baseline = self.peak_shm = 0
 
     def sample(self) -> int:
         if not self.available:
             return 0
         st = _status_bytes()
-        shm = sum(tree_bytes(d) for d in self.dirs())
+        shm = max(_system_shmem_bytes() - self.shm_baseline, 0)
         self.peak_shm = max(self.peak_shm, shm)
         return st.get("RssAnon", 0) + st.get("RssFile", 0) + shm - self.offset
 
     def start(self) -> None:
+        self.shm_baseline = _system_shmem_bytes() if self.available else 0
         self.baseline = self.peak = self.sample()
         self._thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
         self._thread.start()
@@ -339,10 +350,6 @@ class Method:
 
     def finish(self) -> dict[str, Any]:
         return {}
-
-    def shm_dirs(self) -> list[Path]:
-        """Shared-memory directories whose files count as this method's host memory."""
-        return []
 
     def restore_tiers(self) -> list[str]:
         """Where the last checkpoint can be restored from, fastest first."""
@@ -640,7 +647,6 @@ def run(method: Method, make: Callable[[], Workload], *, warmup: int, iterations
     memory.start()
     try:
         method.setup(w, workdir)
-        memory.dirs = method.shm_dirs
         iteration_s: list[float] = []
         stall_s: list[float] = []
         timed_steps: list[int] = []

@@ -518,7 +518,8 @@ def write_report(results: list[dict[str, Any]], out_dir: Path, total_s: float | 
         "included), robust to a burst of load from elsewhere; the mean over all timed "
         "iterations is listed too. Time to durable: from the save call until the checkpoint is "
         "committed on local disk (torch.save: when it returns). Peak host memory: resident "
-        "anonymous + file memory plus the method's shared-memory files, sampled every 10 ms, "
+        "anonymous + file memory plus the shared memory in use on the machine (every method's "
+        "host blocks or shared-memory staging), sampled every 10 ms, "
         "above the run's start and above the no-checkpoint run. Restore: into a fresh model, "
         "from shared memory (host) and from disk (local, with the host copy removed and the "
         "files' page cache dropped).",
