@@ -114,8 +114,15 @@ class Committer:
         stage = self.stage
         stage.page_lock = prep.on_device
         block = stage.take_spare(prep.layout.total_bytes)
+        if block is None and self._commits:
+            # an earlier save is still committing: its retention frees a host copy and the
+            # spare it then reserves reuses that memory, where a new block would hold one
+            # more copy of the state
+            yield self._committed()
+            block = stage.take_spare(prep.layout.total_bytes)
         if block is None:
-            block = yield stage.reserve(prep.data_key, prep.layout.total_bytes)
+            block = yield stage.claim(prep.data_key, prep.layout.total_bytes)
+        stage.copying(block)
         if stage.page_lock:
             yield stage.ready(block, handle.metrics)
         return block
@@ -132,11 +139,15 @@ class Committer:
                 and self.policy.tier(t).on_full == "wait"
                 and sched.backlog(t) + handing_over > sched.depth]
 
+    async def _committed(self) -> None:
+        """Wait for the commits in flight (their failures are reported on their handles)."""
+        await asyncio.gather(*map(asyncio.wrap_future, list(self._commits)),
+                             return_exceptions=True)
+
     async def await_room(self, tiers: list[str], metrics: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         if self._commits:  # earlier saves first reach their queues (each may wait there)
-            await asyncio.gather(*map(asyncio.wrap_future, list(self._commits)),
-                                 return_exceptions=True)
+            await self._committed()
         for name in tiers:
             assert self.scheduler is not None
             await self.scheduler.wait_room(name)
@@ -248,6 +259,8 @@ class Committer:
                     pinned=self.stage.pinned() if staging else (),
                     bases=not staging and self.policy.compression.mode != "off",
                     cache=self._bases[tier.name])
+                if staging:
+                    await self.stage.trim_pool()
             except Exception as e:
                 log.warning("retention on tier %s failed (will retry after the next save): %s",
                             tier.name, e)

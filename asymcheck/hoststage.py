@@ -2,9 +2,12 @@
 
 A block is reserved against the host tier's byte budget; under pressure the oldest host
 copies that nothing needs any more are evicted. After each commit a spare block for the next
-save is reserved in the background (a freed block is reused, so its pages stay faulted in), and
-for CUDA state it is page-locked there too, off the training thread: a device-to-host copy
-into pageable memory would block the training thread for the whole transfer. Pins count who
+save is reserved in the background (a freed block is reused, so its pages stay faulted in;
+freed blocks beyond the spare are given back, and no spare is reserved while a save's block
+is still being copied, so the host holds its kept checkpoints and one block more), and a save
+that finds the spare still being reserved waits for it rather than reserving a second block.
+For CUDA state the spare is page-locked there too, off the training thread: a device-to-host
+copy into pageable memory would block the training thread for the whole transfer. Pins count who
 still reads a host copy (a flush, a delta base): a pinned step is never evicted.
 """
 
@@ -44,6 +47,7 @@ class HostStage:
         self._spare_wanted: int | None = None
         self._spare_tasks: set[asyncio.Task[None]] = set()
         self._locked: dict[HostBlock, Callable[[], None]] = {}  # unregister fn by block
+        self._copying = 0  # blocks handed to saves, not yet committed or aborted
         self._closed = False
         self._loop = asyncio.get_running_loop()
 
@@ -70,19 +74,47 @@ class HostStage:
 
     # ---------------------------------------------------------------- blocks
     def take_spare(self, nbytes: int) -> HostBlock | None:
-        """The block reserved ahead for a save of ``nbytes`` (any thread), if there is one."""
+        """The block reserved ahead for a save of ``nbytes`` (any thread), if it is ready."""
         with self._spare_lock:
             block, self._spare = self._spare, None
-            self._spare_wanted = None  # a reservation still in flight is given back
         if block is not None and block.nbytes != nbytes:
             asyncio.run_coroutine_threadsafe(block.abort(), self._loop)
             return None
         return block
 
-    def want_spare(self, nbytes: int) -> None:
-        """Reserve (and page-lock) a block for the next save in the background."""
+    async def claim(self, key: str, nbytes: int) -> HostBlock:
+        """A block for a save of ``nbytes`` when no spare was ready: the reservation of one
+        still in flight (a second block beside it would hold one more copy of the state in
+        shared memory until it is given back), else a new one."""
         with self._spare_lock:
-            if self._closed or self._spare is not None or self._spare_wanted is not None:
+            in_flight = self._spare_wanted == nbytes
+            if not in_flight:
+                self._spare_wanted = None  # one of another size is given back when done
+        if in_flight:
+            await asyncio.gather(*self._spare_tasks, return_exceptions=True)
+            block = self.take_spare(nbytes)
+            if block is not None:
+                return block
+        return await self.reserve(key, nbytes)
+
+    def copying(self, block: HostBlock) -> HostBlock:
+        """``block`` is a save's, until it is committed or aborted (any thread)."""
+        with self._spare_lock:
+            self._copying += 1
+
+        def done() -> None:
+            with self._spare_lock:
+                self._copying -= 1
+        block.on_close(done)
+        return block
+
+    def want_spare(self, nbytes: int) -> None:
+        """Reserve (and page-lock) a block for the next save in the background; not while a
+        save's block is still being copied (its commit asks again), so that the host never
+        holds a spare beside a block being copied and the checkpoints it keeps."""
+        with self._spare_lock:
+            if (self._closed or self._spare is not None or self._spare_wanted is not None
+                    or self._copying):
                 return
             self._spare_wanted = nbytes
         task = asyncio.ensure_future(self._reserve_spare(nbytes))
@@ -105,6 +137,13 @@ class HostStage:
                 self._spare, self._spare_wanted = block, None
         if not keep:
             await block.abort()
+        await self.trim_pool()
+
+    async def trim_pool(self) -> None:
+        """With a spare held, freed blocks in the host tier's pool are surplus: each holds one
+        more copy of the state in shared memory. Give them back (call after retention)."""
+        if self._spare is not None and self.host.pooled_bytes:
+            await self.host.drop_pool()
 
     def lock_pages(self, block: HostBlock) -> bool:
         """Page-lock ``block`` for device-to-host copies until it is committed or aborted."""

@@ -250,6 +250,12 @@ class HostTier(Tier):
                 return self._pool.pop(i)[1]
         return None
 
+    async def drop_pool(self) -> None:
+        """Unlink every pooled free block (its memory goes back to the machine)."""
+        await self._ensure_open()
+        await self._evict_pool(None)
+        self._notify()
+
     async def _evict_pool(self, need_bytes: int | None) -> None:
         """Unlink pooled blocks, oldest first, until ``need_bytes`` are freed (None: all)."""
         victims: list[Path] = []
