@@ -86,10 +86,14 @@ class HostStage:
         """A block for a save of ``nbytes`` when no spare was ready: the reservation of one
         still in flight (a second block beside it would hold one more copy of the state in
         shared memory until it is given back), else a new one."""
+        cap = self.host.capacity_bytes
         with self._spare_lock:
-            in_flight = self._spare_wanted == nbytes
+            # wait only for a reservation that cannot be blocked by the byte budget (under
+            # pressure, ``reserve`` frees room, which a waiting spare does not)
+            in_flight = self._spare_wanted == nbytes and (
+                cap is None or self.host.used_bytes + nbytes <= cap)
             if not in_flight:
-                self._spare_wanted = None  # one of another size is given back when done
+                self._spare_wanted = None  # one still in flight is given back when done
         if in_flight:
             await asyncio.gather(*self._spare_tasks, return_exceptions=True)
             block = self.take_spare(nbytes)

@@ -95,6 +95,40 @@ def test_batch_size_and_fit_are_visible_and_follow_a_throttled_tier(tmp_path: Pa
     assert m["slow.batch_bytes"] != m["disk.batch_bytes"]  # B* follows each tier's own fit
 
 
+@pytest.mark.parametrize("states", [1.5, 2.5])
+def test_asym_saves_every_step_under_a_tight_host_budget_complete_and_restore(
+        tmp_path: Path, states: float) -> None:
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(6)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ckpt_bytes = 3 * sum(p.nbytes for p in model.parameters()) + (1 << 16)
+    policy = _write(tmp_path, f"""
+        [[tier]]
+        name = "host"
+        url = "shm://tight"
+        capacity = {int(states * ckpt_bytes)}
+        [[tier]]
+        name = "disk"
+        url = "file:disk"
+    """)
+    with asymcheck.Checkpointer(model, opt, policy=policy, warmup_iterations=2,
+                                min_partition_bytes=1024) as ckpt:
+        handles = []
+        for step in range(10):
+            model(torch.randn(8, 256, generator=torch.Generator().manual_seed(step))
+                  ).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            handles.append(ckpt.save_sync(step))
+        expected = copy.deepcopy(model.state_dict())
+        for h in handles:
+            h.durable("disk").wait(60)  # a save waiting on the budget would hang here
+        assert ckpt.host.used_bytes <= int(states * ckpt_bytes)
+        loaded = ckpt.load_sync(9)
+        assert loaded is not None
+        assert_same(expected, loaded.state["model"])
+
+
 def test_a_state_four_times_the_host_budget_streams_through(tmp_path: Path) -> None:
     torch.manual_seed(2)
     model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])  # 8.4 MB
