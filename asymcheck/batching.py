@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tiers.base import Tier
+from tiers.local import DIRECT_ALIGN
 
 from .layout import data_name, manifest_key, step_dir, step_key
 from .manifest import FileMeta, Segment, read_manifest
-from .snapshot import PAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class BatchWriter:
         """Append bytes [start, end) of host file ``src`` (recorded as a segment); adjacent
         ranges share one slice and one segment."""
         region = self._region
-        if region is not None and region[0] == src and 0 <= start - region[3] < PAGE_BYTES:
+        if region is not None and region[0] == src and 0 <= start - region[3] < DIRECT_ALIGN:
             region[3] = end
         else:
             self._close_region()

@@ -101,7 +101,7 @@ class HostStage:
                 return block
         return await self.reserve(key, nbytes)
 
-    def copying(self, block: HostBlock) -> HostBlock:
+    def copying(self, block: HostBlock) -> None:
         """``block`` is a save's, until it is committed or aborted (any thread)."""
         with self._spare_lock:
             self._copying += 1
@@ -110,7 +110,6 @@ class HostStage:
             with self._spare_lock:
                 self._copying -= 1
         block.on_close(done)
-        return block
 
     def want_spare(self, nbytes: int) -> None:
         """Reserve (and page-lock) a block for the next save in the background; not while a

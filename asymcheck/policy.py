@@ -240,16 +240,17 @@ def _parse_compression(raw: Any, fail: Any) -> CompressionPolicy:
         if key not in _COMPRESSION_KEYS:
             raise fail(f"compression.{key}",
                        f"unknown key (known: {', '.join(sorted(_COMPRESSION_KEYS))})")
-    mode = raw.get("mode", "auto")
+    defaults = CompressionPolicy()
+    mode = raw.get("mode", defaults.mode)
     if mode not in ("off", "auto", "always"):
         raise fail("compression.mode", f"must be off, auto or always, got {mode!r}")
-    full_every = raw.get("full_every", 10)
+    full_every = raw.get("full_every", defaults.full_every)
     if not isinstance(full_every, int) or isinstance(full_every, bool) or full_every < 1:
         raise fail("compression.full_every", f"must be an integer >= 1, got {full_every!r}")
-    level = raw.get("level", 1)
+    level = raw.get("level", defaults.level)
     if not isinstance(level, int) or isinstance(level, bool) or not 1 <= level <= 22:
         raise fail("compression.level", f"must be an integer in [1, 22], got {level!r}")
-    min_bytes = 1 << 20
+    min_bytes = defaults.min_bytes
     if "min_bytes" in raw:
         try:
             min_bytes = parse_size(raw["min_bytes"])

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tiers.local import DIRECT_ALIGN
+
 from .manifest import ChunkMeta, TensorMeta, checksum
 from .partition import Partition, PartitionPlan
 from .state import dtype_name
@@ -27,7 +29,6 @@ log = logging.getLogger(__name__)
 ALIGN_BYTES = 64
 #: tensors of at least PAGE_ALIGN_FROM bytes start on a page of the block, so a tier can write
 #: them to disk straight from it (O_DIRECT)
-PAGE_BYTES = 4096
 PAGE_ALIGN_FROM = 64 << 10
 DEFAULT_CHUNK_BYTES = 8 << 20
 
@@ -60,7 +61,7 @@ class Layout:
         for path, t in zip(paths, tensors, strict=True):
             n = tensor_nbytes(t)
             if n >= PAGE_ALIGN_FROM:
-                offset = -(-offset // PAGE_BYTES) * PAGE_BYTES
+                offset = -(-offset // DIRECT_ALIGN) * DIRECT_ALIGN
             slots.append(Slot(path, dtype_name(t.dtype), tuple(t.shape), offset, n))
             offset += -(-n // ALIGN_BYTES) * ALIGN_BYTES
         return cls(tuple(slots), offset, chunk_bytes)

@@ -1,7 +1,7 @@
 """LocalTier: one file per key on a local disk, committed by tmp + fsync + rename.
 
 ``file:///abs/path`` or ``file:relative/path`` (relative to the working directory at
-construction). The bulk write path runs in a worker thread (``os.write`` + ``os.fsync``
+construction). The bulk write path runs in a worker thread (``os.writev`` + ``os.fsync``
 release the GIL), so the event loop keeps running during large puts.
 
 Durable writes bypass the page cache (``O_DIRECT``, option ``direct``, on by default with
@@ -303,14 +303,6 @@ def _address(view: memoryview) -> int:
     return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if view.nbytes else 0
 
 
-def _write_full(fd: int, view: memoryview) -> None:
-    while view.nbytes:
-        written = os.write(fd, view)
-        if written <= 0:
-            raise OSError(errno.EIO, "write wrote nothing")
-        view = view[written:]
-
-
 def _write_direct(fd: int, parts: Sequence[memoryview]) -> bool:
     """Write ``parts`` back to back on ``fd`` (set to O_DIRECT): a run that starts page-aligned
     in memory and in the file goes straight from its buffer, the rest through the bounce
@@ -328,7 +320,7 @@ def _write_direct(fd: int, parts: Sequence[memoryview]) -> bool:
                 if held == 0 and view.nbytes >= DIRECT_ALIGN and \
                         _address(view) % DIRECT_ALIGN == 0:
                     n = view.nbytes - view.nbytes % DIRECT_ALIGN
-                    _write_full(fd, view[:n])
+                    _write_all(fd, [view[:n]])
                     view = view[n:]
                     size += n
                     continue
@@ -338,12 +330,12 @@ def _write_direct(fd: int, parts: Sequence[memoryview]) -> bool:
                           np.frombuffer(view, np.uint8)[:n])
                 view, held, size = view[n:], held + n, size + n
                 if held == bounce.nbytes:
-                    _write_full(fd, bounce)
+                    _write_all(fd, [bounce])
                     held = 0
         if held:
             padded = -(-held // DIRECT_ALIGN) * DIRECT_ALIGN
             bounce[held:padded] = bytes(padded - held)
-            _write_full(fd, bounce[:padded])
+            _write_all(fd, [bounce[:padded]])
             os.ftruncate(fd, size)
     except OSError as e:
         if e.errno == errno.EINVAL:

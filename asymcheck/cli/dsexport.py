@@ -10,7 +10,6 @@ and ``DIR/latest_universal``: DeepSpeed loads that at any world size (``"checkpo
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -19,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RestoreError, UsageError
+from ..restore import LoadedCheckpoint
 from ._output import EXIT_OK, fmt_bytes
-from ._tiers import Session, run_with_tiers
 
 DEEPSPEED_FORMATS = ("deepspeed", "deepspeed-universal")
 
 
-def _integration() -> Any:
+def deepspeed_integration() -> Any:
+    """``asymcheck.integrations.deepspeed``; a usage error naming the extra without it."""
     try:
         from ..integrations import deepspeed
     except ImportError as e:
@@ -33,39 +33,36 @@ def _integration() -> Any:
     return deepspeed
 
 
-async def _files_by_rank(session: Session, step: int | None, extra: str
-                         ) -> tuple[int, str, list[dict[str, Any]], dict[str, int]]:
-    """The step, its DeepSpeed tag, each saved rank's recorded files, and the tensors read
-    per tier."""
-    from .restore import load
-
-    loaded, m = await load(session, step)
-    shards = [loaded]
-    for rank in range(1, m.world_size):
-        shards.append((await load(session, loaded.step, rank=rank))[0])
+def _files_by_rank(shards: list[LoadedCheckpoint], extra: str
+                   ) -> tuple[str, list[dict[str, Any]], dict[str, int]]:
+    """The DeepSpeed tag of one checkpoint, each saved rank's recorded files (``shards``: one
+    per saved rank), and the tensors read per tier."""
+    step = shards[0].step
     files: list[dict[str, Any]] = []
     sources: dict[str, int] = {}
     tag: str | None = None
     for rank, shard in enumerate(shards):
         state = shard.state["extras"].get(extra)
         if not isinstance(state, dict) or not isinstance(state.get("files"), dict):
-            raise RestoreError(f"step {loaded.step} was not saved through a DeepSpeed engine "
+            raise RestoreError(f"step {step} was not saved through a DeepSpeed engine "
                                "(asymcheck.integrations.deepspeed)")
         if tag is not None and state["tag"] != tag:
-            raise RestoreError(f"step {loaded.step}: rank {rank} saved tag {state['tag']!r}, "
+            raise RestoreError(f"step {step}: rank {rank} saved tag {state['tag']!r}, "
                                f"rank 0 {tag!r}")
         tag = str(state["tag"])
         files.append(state["files"])
         for name, count in shard.sources.items():
             sources[name] = sources.get(name, 0) + count
     assert tag is not None
-    return loaded.step, tag, files, sources
+    return tag, files, sources
 
 
-def export_deepspeed(args: argparse.Namespace, target: Path, universal: bool) -> int:
-    ds = _integration()
-    step, tag, files, sources = run_with_tiers(
-        args.specs, lambda session: _files_by_rank(session, args.step, ds.EXTRA))
+def export_deepspeed(ds: Any, shards: list[LoadedCheckpoint], target: Path,
+                     universal: bool) -> int:
+    """Write the checkpoint of ``shards`` (every saved rank's) to ``target`` with the
+    DeepSpeed integration ``ds``."""
+    step = shards[0].step
+    tag, files, sources = _files_by_rank(shards, ds.EXTRA)
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target} is a file: --format deepspeed writes a directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

@@ -36,7 +36,7 @@ from ..restore import LoadedCheckpoint, load_checkpoint, steps_by_tier
 from ._output import EXIT_OK, fmt_bytes
 from ._ranks import shard_records
 from ._tiers import Session, first_readable_manifest, missing_dir, run_with_tiers
-from .dsexport import DEEPSPEED_FORMATS, export_deepspeed
+from .dsexport import DEEPSPEED_FORMATS, deepspeed_integration, export_deepspeed
 
 Meta = dict[str, int]
 
@@ -151,10 +151,17 @@ FORMATS = {"pt": ".pt", "safetensors": ".safetensors", "hf": "hf", "dcp": "dcp",
 FOLDERS = ("hf", "dcp", *DEEPSPEED_FORMATS)
 
 
-async def load(session: Session, step: int | None, rank: int = 0
-               ) -> tuple[LoadedCheckpoint, Manifest]:
+async def load(session: Session, step: int | None) -> tuple[LoadedCheckpoint, Manifest]:
     """The checkpoint and a (global) manifest of it. Of a multi-rank checkpoint: sharded tensors
-    whole, put together from every rank's shard; the other state from ``rank``'s shard."""
+    whole, put together from every rank's shard; the other state from rank 0's shard."""
+    shards, m = await load_shards(session, step, every_rank=False)
+    return shards[0], m
+
+
+async def load_shards(session: Session, step: int | None, *, every_rank: bool
+                      ) -> tuple[list[LoadedCheckpoint], Manifest]:
+    """As ``load``; with ``every_rank``, one per saved rank (in rank order), each with that
+    rank's own state."""
     present = [t for t in session.tiers if missing_dir(t) is None]
     found = await steps_by_tier(present)
     if step is None and not found:
@@ -168,7 +175,7 @@ async def load(session: Session, step: int | None, rank: int = 0
     if m.world_size == 1:
         loaded = await load_checkpoint(found[step], step)
         assert loaded is not None
-        return loaded, m
+        return [loaded], m
     digests: dict[str, list[int]] = {}
     for tier in found[step]:
         with contextlib.suppress(Exception):
@@ -179,11 +186,9 @@ async def load(session: Session, step: int | None, rank: int = 0
         shards = (session.shard(t, rank) for t in found[step] if t.name in digests)
         return [t for t in shards if t is not None]
 
-    if not 0 <= rank < m.world_size:
-        raise UsageError(f"step {step} was saved by {m.world_size} ranks: it has no rank {rank}")
-    loaded = await Placer(step, m.world_size, views, rank=rank, world=1, targets=None,
-                          digests=digests).load()
-    return loaded, m
+    ranks = range(m.world_size) if every_rank else range(1)
+    return [await Placer(step, m.world_size, views, rank=rank, world=1, targets=None,
+                         digests=digests).load() for rank in ranks], m
 
 
 def shard_note(target: Path, m: Manifest, fmt: str, sharded: bool) -> str:
@@ -247,7 +252,10 @@ def _size(path: Path, names: list[str] | None) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     target, fmt = check_target(args)
     if fmt in DEEPSPEED_FORMATS:
-        return export_deepspeed(args, target, fmt == "deepspeed-universal")
+        ds = deepspeed_integration()  # before reading: a missing extra is one usage line
+        shards, _ = run_with_tiers(
+            args.specs, lambda session: load_shards(session, args.step, every_rank=True))
+        return export_deepspeed(ds, shards, target, fmt == "deepspeed-universal")
 
     async def body(session: Session) -> tuple[LoadedCheckpoint, Manifest]:
         return await load(session, args.step)

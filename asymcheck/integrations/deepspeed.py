@@ -63,12 +63,15 @@ everything is copied inside ``save_checkpoint``.
 
 from __future__ import annotations
 
+import argparse
 import collections
+import contextlib
 import enum
 import importlib
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -389,10 +392,6 @@ def to_universal(directory: str | os.PathLike[str], tag: str,
     """Convert DeepSpeed's checkpoint ``directory/tag`` (``write_files``) into a universal
     checkpoint ``out/tag`` with ``out/latest_universal`` (DeepSpeed's ``ds_to_universal``),
     which DeepSpeed loads at any world size with ``"checkpoint": {"load_universal": true}``."""
-    import argparse
-    import contextlib
-    import sys
-
     from deepspeed.checkpoint import ds_to_universal
 
     args = argparse.Namespace(input_folder=str(Path(directory) / tag),

@@ -90,16 +90,16 @@ async def test_durable_writes_bypass_the_page_cache_and_store_the_bytes_exactly(
 async def test_a_direct_write_failing_midway_leaves_no_key_and_no_tmp_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tier = LocalTier(tmp_path.as_uri(), name="disk")
-    real_write = os.write
+    real_writev = os.writev
     calls = []
 
-    def failing_write(fd: int, data: memoryview) -> int:
+    def failing_writev(fd: int, buffers: list[memoryview]) -> int:
         calls.append(fd)
         if len(calls) == 1:
-            return real_write(fd, data)
+            return real_writev(fd, buffers)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "write", failing_write)
+    monkeypatch.setattr(os, "writev", failing_writev)
     with pytest.raises(OSError) as info:
         await tier.put("step/new.bin", [_aligned((8 << 20) + 1, 7)])
     monkeypatch.undo()
@@ -110,14 +110,14 @@ async def test_a_direct_write_failing_midway_leaves_no_key_and_no_tmp_file(
 async def test_a_filesystem_refusing_direct_writes_gets_buffered_ones(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tier = LocalTier(tmp_path.as_uri())
-    real_write = os.write
+    real_writev = os.writev
 
-    def refusing_write(fd: int, data: memoryview) -> int:
+    def refusing_writev(fd: int, buffers: list[memoryview]) -> int:
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        return real_write(fd, data)
+        return real_writev(fd, buffers)
 
-    monkeypatch.setattr(os, "write", refusing_write)
+    monkeypatch.setattr(os, "writev", refusing_writev)
     parts = PAYLOADS["mixed"]()
     await tier.put("a", parts)
     await tier.put("b", parts)
