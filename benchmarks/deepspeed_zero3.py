@@ -74,13 +74,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cpumeter
-from harness import tensor_bytes
+from harness import tensor_bytes, write_report_section
 from sharded import (
     add_background_cpu,
     differences,
     drop_page_cache,
+    drop_row,
+    prepare_restore,
     run_ranks,
-    shm_dirs,
     tree_cpu_s,
 )
 
@@ -284,11 +285,7 @@ class AsymCheckMethod(Method):
         return ["host", "local"]
 
     def prepare(self, tier: str, rank: int) -> None:
-        if tier == "local":
-            if rank == 0:
-                for d in shm_dirs(self.asymdir):
-                    shutil.rmtree(d, ignore_errors=True)
-            drop_page_cache(self.asymdir)
+        prepare_restore(self.asymdir, tier, rank)
 
     def restore(self, engine: Any, tier: str) -> Any:
         import asymcheck
@@ -426,12 +423,7 @@ def run_row(row: str, name: str, every: int, cfg: dict[str, Any], rank: int, row
         finally:
             fresh.destroy()
         del fresh
-    dist.barrier()
-    if not final and rank == 0:
-        for d in shm_dirs(rowdir / "asymcheck"):
-            shutil.rmtree(d, ignore_errors=True)
-        shutil.rmtree(rowdir, ignore_errors=True)
-    dist.barrier()
+    drop_row(rowdir, rowdir / "asymcheck", rank, final)
     return out
 
 
@@ -681,18 +673,6 @@ def report_section(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this section of REPORT.md (up to the next ``## `` heading) or append it."""
-    text = path.read_text() if path.exists() else ""
-    start = text.find(HEADING + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    path.write_text(text if text.endswith("\n") else text + "\n")
-
-
 def print_table(group: str, summary: dict[str, dict[str, Any]]) -> None:
     print(f"\n{group}")
     print(f"{'method':20s} {'iter ms':>8s} {'overhead':>9s} {'stall ms':>9s} {'durable s':>10s} "
@@ -757,8 +737,8 @@ def main(argv: list[str] | None = None) -> int:
             ref = derive(summary)
             g["ds_reference"] = ref["method"] if ref else None
         out.write_text(json.dumps(result, indent=2) + "\n")
-        write_section(out.parent / "REPORT.md",
-                      report_section(result, result.get("command", "")))
+        write_report_section(out.parent / "REPORT.md", HEADING,
+                             report_section(result, result.get("command", "")))
         print(f"rewrote the ratios in {out} and the {HEADING[3:]!r} section of "
               f"{out.parent / 'REPORT.md'}")
         return 0
@@ -816,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
               "seconds": seconds, "failures": failures, "groups": groups}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    write_section(out.parent / "REPORT.md", report_section(result, command))
+    write_report_section(out.parent / "REPORT.md", HEADING, report_section(result, command))
     print(f"\n{seconds:.0f} s; wrote {out} and the {HEADING[3:]!r} section of "
           f"{out.parent / 'REPORT.md'}")
     return 0

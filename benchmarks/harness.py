@@ -206,6 +206,19 @@ def tensor_bytes(obj: Any) -> int:
 
 # --------------------------------------------------------------------------- files
 
+def write_report_section(path: Path, heading: str, section: str) -> None:
+    """Replace the section of REPORT.md at ``path`` that starts with the line ``heading`` (up
+    to the next ``## `` heading) by ``section``, or append it."""
+    text = path.read_text() if path.exists() else ""
+    start = text.find(heading + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    path.write_text(text if text.endswith("\n") else text + "\n")
+
+
 def tree_bytes(path: Path) -> int:
     """Sum of the sizes of the files under ``path`` (0 when it does not exist)."""
     total = 0

@@ -41,7 +41,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness import write_report_section
 
 import asymcheck
 from asymcheck.integrations.lightning import AsymCheckCallback
@@ -269,19 +272,6 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this section of REPORT.md (up to the next ``## `` heading) or append it."""
-    text = path.read_text() if path.exists() else ""
-    head = "## PyTorch Lightning"
-    start = text.find(head + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(head))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    path.write_text(text if text.endswith("\n") else text + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=6)
@@ -321,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
               "runs": runs}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "lightning.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_section(out_dir / "REPORT.md", report(result))
+    write_report_section(out_dir / "REPORT.md", "## PyTorch Lightning", report(result))
     print(report(result))
     print(f"wrote {out_dir / 'lightning.json'} and the PyTorch Lightning section of "
           f"{out_dir / 'REPORT.md'}")

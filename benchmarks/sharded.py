@@ -325,11 +325,7 @@ class AsymCheckMethod(Method):
         return ["host", "local"]
 
     def prepare(self, tier: str, rank: int) -> None:
-        if tier == "local":
-            if rank == 0:
-                for d in shm_dirs(self.dir):
-                    shutil.rmtree(d, ignore_errors=True)
-            drop_page_cache(self.dir)
+        prepare_restore(self.dir, tier, rank)
 
     def restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer, tier: str) -> None:
         import asymcheck
@@ -534,13 +530,29 @@ def run_row(row: str, cfg: dict[str, Any], rank: int, mesh: Any, pg: Any, rowdir
             out.setdefault("mismatch", {})[tier] = bad[:5]
         del fresh, fopt
     method.close()
+    drop_row(rowdir, rowdir / "checkpoints", rank, final)
+    return out
+
+
+def prepare_restore(ckpt_dir: Path, tier: str, rank: int) -> None:
+    """Before a restore from ``tier`` of ``default_policy(ckpt_dir)``: for the local tier, rank 0
+    removes the shared-memory copies and every rank drops the files' page cache."""
+    if tier == "local":
+        if rank == 0:
+            for d in shm_dirs(ckpt_dir):
+                shutil.rmtree(d, ignore_errors=True)
+        drop_page_cache(ckpt_dir)
+
+
+def drop_row(rowdir: Path, ckpt_dir: Path, rank: int, final: bool) -> None:
+    """Every rank done with a row: rank 0 removes its files and the shared memory of the
+    default policy of ``ckpt_dir`` (the final row's are kept for the restores)."""
     dist.barrier()
     if not final and rank == 0:
-        for d in shm_dirs(rowdir / "checkpoints"):
+        for d in shm_dirs(ckpt_dir):
             shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(rowdir, ignore_errors=True)
     dist.barrier()
-    return out
 
 
 def rank_main(rank: int, cfg: dict[str, Any], port: int, work: str) -> None:
