@@ -240,7 +240,10 @@ def _child(scenario: str, rank: str, work: str) -> None:
         # the shared-memory all-reduce kernel would be compiled at start-up (minutes); gloo does
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="gloo")
-    SCENARIOS[scenario](int(rank), Path(work))
+    try:
+        SCENARIOS[scenario](int(rank), Path(work))
+    finally:  # a gloo group left to the interpreter's exit can abort the process
+        torch.distributed.destroy_process_group()
 
 
 # ------------------------------------------------------------------ the test's side
