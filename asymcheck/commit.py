@@ -81,7 +81,8 @@ class Committer:
         self._stage = HostStage(host, self._retain_lock(host),
                                 on_unpinned=lambda: self.retain(self.host))
         self.scheduler = FlushScheduler(self.tiers, self.policy, on_done=self._flush_done,
-                                        pin=self.stage.pin, unpin=self.stage.unpin)
+                                        pin_base=self.stage.pin_base,
+                                        unpin_base=self.stage.unpin_base)
         for tier in self.tiers.values():
             await _drop_uncommitted(tier)
 
@@ -172,7 +173,7 @@ class Committer:
         if committed or last:  # older host copies may go now (this one too, once unpinned)
             await self.retain(self.host)
         if committed:
-            self.stage.want_spare(prep.layout.total_bytes)  # after retention: reuse a block
+            self.stage.want_spare(prep.layout.total_bytes, prep.step)  # after retention
 
     async def _commit_pinned(self, prep: Prepared, block: HostBlock) -> bool:
         """Commit the staged block and its manifest, then queue the flushes; False when the
@@ -260,7 +261,7 @@ class Committer:
                     bases=not staging and self.policy.compression.mode != "off",
                     cache=self._bases[tier.name])
                 if staging:
-                    await self.stage.trim_pool()
+                    await self.stage.retained()
             except Exception as e:
                 log.warning("retention on tier %s failed (will retry after the next save): %s",
                             tier.name, e)

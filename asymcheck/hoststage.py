@@ -2,10 +2,12 @@
 
 A block is reserved against the host tier's byte budget; under pressure the oldest host
 copies that nothing needs any more are evicted. After each commit a spare block for the next
-save is reserved in the background (a freed block is reused, so its pages stay faulted in;
-freed blocks beyond the spare are given back, and no spare is reserved while a save's block
-is still being copied, so the host holds its kept checkpoints and one block more), and a save
-that finds the spare still being reserved waits for it rather than reserving a second block.
+save is reserved in the background (a freed block is reused, still mapped, so its pages stay
+faulted in; freed blocks beyond the spare are given back, and no spare is reserved while a
+save's block is still being copied, so the host holds its kept checkpoints and one block more),
+and a save that finds the spare still being reserved waits for it rather than reserving a second
+block. While an older host copy is still being flushed and no freed block is pooled, the spare
+waits for retention to free that copy's block instead of mapping a new one.
 For CUDA state the spare is page-locked there too, off the training thread: a device-to-host
 copy into pageable memory would block the training thread for the whole transfer. Pins count who
 still reads a host copy (a flush, a delta base): a pinned step is never evicted.
@@ -41,10 +43,12 @@ class HostStage:
         self._lock = lock  # the host tier's retention lock: eviction deletes under it
         self._on_unpinned = on_unpinned
         self._pins: Counter[int] = Counter()
+        self._base_pins: Counter[int] = Counter()  # the delta bases among them
         self._pins_changed = asyncio.Event()
         self._spare_lock = threading.Lock()
         self._spare: HostBlock | None = None
         self._spare_wanted: int | None = None
+        self._deferred: tuple[int, int] | None = None  # (nbytes, step) of a spare asked again
         self._spare_tasks: set[asyncio.Task[None]] = set()
         self._locked: dict[HostBlock, Callable[[], None]] = {}  # unregister fn by block
         self._copying = 0  # blocks handed to saves, not yet committed or aborted
@@ -71,6 +75,22 @@ class HostStage:
     async def unpin(self, step: int) -> None:
         if self.drop_pin(step):
             await self._on_unpinned()
+
+    def pin_base(self, step: int) -> None:
+        """Keep the host copy of ``step`` while deltas are coded against it."""
+        self._base_pins[step] += 1
+        self.pin(step)
+
+    async def unpin_base(self, step: int) -> None:
+        self._base_pins[step] -= 1
+        if self._base_pins[step] <= 0:
+            del self._base_pins[step]
+        await self.unpin(step)
+
+    def _flushing_before(self, step: int) -> bool:
+        """Whether a host copy older than ``step`` is pinned for something other than a delta
+        base (a flush, a commit): retention frees its block soon."""
+        return any(s < step and n > self._base_pins[s] for s, n in self._pins.items())
 
     # ---------------------------------------------------------------- blocks
     def take_spare(self, nbytes: int) -> HostBlock | None:
@@ -111,13 +131,19 @@ class HostStage:
                 self._copying -= 1
         block.on_close(done)
 
-    def want_spare(self, nbytes: int) -> None:
-        """Reserve (and page-lock) a block for the next save in the background; not while a
-        save's block is still being copied (its commit asks again), so that the host never
-        holds a spare beside a block being copied and the checkpoints it keeps."""
+    def want_spare(self, nbytes: int, step: int) -> None:
+        """Reserve (and page-lock) a block for the next save in the background, after the
+        commit of ``step``. Not while a save's block is still being copied (its commit asks
+        again), so that the host never holds a spare beside a block being copied and the
+        checkpoints it keeps; and not while an older host copy is still being flushed with no
+        freed block of ``nbytes`` pooled (:meth:`retained` asks again once it is deleted)."""
         with self._spare_lock:
+            self._deferred = None
             if (self._closed or self._spare is not None or self._spare_wanted is not None
                     or self._copying):
+                return
+            if not self.host.has_pooled(nbytes) and self._flushing_before(step):
+                self._deferred = (nbytes, step)
                 return
             self._spare_wanted = nbytes
         task = asyncio.ensure_future(self._reserve_spare(nbytes))
@@ -142,9 +168,15 @@ class HostStage:
             await block.abort()
         await self.trim_pool()
 
+    async def retained(self) -> None:
+        """After a retention pass on the host tier: a deferred spare is asked for again (the
+        block it waited for may be pooled now); with a spare held, freed blocks in the pool are
+        surplus, each one more copy of the state in shared memory, and are given back."""
+        if self._deferred is not None:
+            self.want_spare(*self._deferred)
+        await self.trim_pool()
+
     async def trim_pool(self) -> None:
-        """With a spare held, freed blocks in the host tier's pool are surplus: each holds one
-        more copy of the state in shared memory. Give them back (call after retention)."""
         if self._spare is not None and self.host.pooled_bytes:
             await self.host.drop_pool()
 

@@ -95,14 +95,14 @@ def tensor_span(meta: TensorMeta) -> tuple[str, int]:
 
 class FlushScheduler:
     def __init__(self, tiers: Mapping[str, Tier], policy: Policy, on_done: DoneCallback,
-                 pin: Callable[[int], None], unpin: Callable[[int], Awaitable[None]],
+                 pin_base: Callable[[int], None], unpin_base: Callable[[int], Awaitable[None]],
                  cost: CostModel | None = None, queue_depth: int = 2) -> None:
         self._tiers = tiers
         self._policy = policy
         # the staging tier maps its blocks (an in-memory tier, checked when the tiers open)
         self._host = cast(HostTier, tiers[policy.staging.name])
         self._on_done = on_done
-        self._pin, self._unpin = pin, unpin
+        self._pin_base, self._unpin_base = pin_base, unpin_base  # delta bases in host memory
         self.cost = cost or CostModel(min_compress_bytes=policy.compression.min_bytes)
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="asymcheck-zstd")
         self._state = {tp.name: _TierState(tp) for tp in policy.tiers[1:]}
@@ -163,7 +163,7 @@ class FlushScheduler:
         await asyncio.gather(*self._cleanups, return_exceptions=True)
         for st in self._state.values():
             if st.base is not None:
-                await self._unpin(st.base.step)
+                await self._unpin_base(st.base.step)
                 st.base = None
         self._pool.shutdown(wait=True)
 
@@ -389,12 +389,12 @@ class FlushScheduler:
         old, st.since_full = st.base, 0
         st.ratios.clear()  # a new base: sample the ratios afresh
         if self._deltas_could_pay(tier, man):
-            self._pin(man.step)  # deltas of the next checkpoints read this copy from host memory
+            self._pin_base(man.step)  # the next checkpoints' deltas read this host copy
             st.base = man
         else:  # no host copy held for deltas that could not pay: the next one is full again
             st.base = None
         if old is not None:
-            await self._unpin(old.step)
+            await self._unpin_base(old.step)
 
     def _deltas_could_pay(self, tier: str, man: Manifest) -> bool:
         """Whether a delta against ``man`` could shorten the write of some tensor on ``tier``.

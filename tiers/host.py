@@ -87,6 +87,7 @@ POOL_STALE_AFTER = 16
 #: Reads smaller than this copy on the event loop; a thread hop would cost more.
 _THREAD_COPY_BYTES = 1 << 20
 _CREATE_TRIES = 3
+_Pooled = tuple[Path, "mmap.mmap | None"]  # a free block's file and the mapping it kept
 # Map every page at mmap time (Linux): one call fills the page tables, where touching each page
 # would take a minor fault per 4 KiB. A 280 MiB block is copied into at 5-10 GB/s instead of
 # 0.5 GB/s, and the mapping is made where the block is reserved, off the copying thread.
@@ -194,7 +195,9 @@ class HostTier(Tier):
         self._committed = 0
         self._reserved = 0
         self._pooled = 0
-        self._pool: list[tuple[int, Path, int]] = []  # (size, path, arrival), oldest first
+        # (size, path, arrival, mapping), oldest first: a freed block keeps the writable
+        # mapping it was staged through, so its pages stay mapped for the next reserve
+        self._pool: list[tuple[int, Path, int, mmap.mmap | None]] = []
         self._pool_arrivals = 0
         self._maps: dict[str, mmap.mmap] = {}
         self._blocks: set[HostBlock] = set()
@@ -243,11 +246,16 @@ class HostTier(Tier):
             if fut in self._waiters:
                 self._waiters.remove(fut)
 
-    def _take_pooled(self, nbytes: int) -> Path | None:
+    def has_pooled(self, nbytes: int) -> bool:
+        """Whether a freed block of exactly ``nbytes`` waits in the pool for reuse."""
+        return any(entry[0] == nbytes for entry in self._pool)
+
+    def _take_pooled(self, nbytes: int) -> _Pooled | None:
         for i in range(len(self._pool) - 1, -1, -1):
             if self._pool[i][0] == nbytes:
                 self._pooled -= nbytes
-                return self._pool.pop(i)[1]
+                _, path, _, mapping = self._pool.pop(i)
+                return path, mapping
         return None
 
     async def drop_pool(self) -> None:
@@ -261,14 +269,16 @@ class HostTier(Tier):
         victims: list[Path] = []
         freed = 0
         while self._pool and (need_bytes is None or freed < need_bytes):
-            size, path, _ = self._pool.pop(0)
+            size, path, _, mapping = self._pool.pop(0)
             self._pooled -= size
             freed += size
             victims.append(path)
+            if mapping is not None:
+                mapping.close()
         if victims:
             await finish_even_if_cancelled(asyncio.to_thread(_unlink_all, victims))
 
-    async def _acquire(self, key: str, nbytes: int) -> Path | None:
+    async def _acquire(self, key: str, nbytes: int) -> _Pooled | None:
         """Reserve ``nbytes``, waiting while they do not fit; returns a pooled file to reuse."""
         cap = self.capacity_bytes
         if cap is not None and nbytes > cap:
@@ -311,10 +321,10 @@ class HostTier(Tier):
             self._sizes = sizes
             self._committed = sum(sizes.values())
             self._pool = pool
-            self._pooled = sum(size for size, _, _ in pool)
+            self._pooled = sum(entry[0] for entry in pool)
             self._opened = True
 
-    def _scan(self) -> tuple[dict[str, int], list[tuple[int, Path, int]]]:
+    def _scan(self) -> tuple[dict[str, int], list[tuple[int, Path, int, mmap.mmap | None]]]:
         os.makedirs(self._dir, exist_ok=True)
         remove_stale_tmp(self._dir, skip_top={POOL_DIR})
         sizes = {}
@@ -328,7 +338,7 @@ class HostTier(Tier):
                     pool.append((entry.stat().st_mtime_ns, entry.stat().st_size,
                                  Path(entry.path)))
         pool.sort()
-        return sizes, [(size, path, 0) for _, size, path in pool]
+        return sizes, [(size, path, 0, None) for _, size, path in pool]
 
     async def close(self) -> None:
         """Abort open blocks, unmap, and drop the free pool if this instance wrote here (a
@@ -387,7 +397,7 @@ class HostTier(Tier):
             raise
 
     async def _make_block(self, key: str, path: Path, nbytes: int,
-                          reuse: Path | None) -> HostBlock:
+                          reuse: _Pooled | None) -> HostBlock:
         """Create the block's tmp file; any failure releases the reservation."""
         tmp = tmp_name(path)
         try:
@@ -408,9 +418,22 @@ class HostTier(Tier):
         self._blocks.add(block)
         return block
 
-    def _create(self, key: str, tmp: Path, nbytes: int, reuse: Path | None) -> mmap.mmap | None:
-        """Make the tmp file (reusing a pooled one if possible) and map it writable."""
-        fd, reused = self._open_tmp(key, tmp, reuse)
+    def _create(self, key: str, tmp: Path, nbytes: int,
+                reuse: _Pooled | None) -> mmap.mmap | None:
+        """Make the tmp file (reusing a pooled one if possible) and map it writable: a pooled
+        block that kept its mapping is used through it, its pages still mapped."""
+        pooled, kept = reuse if reuse is not None else (None, None)
+        try:
+            reused = self._claim_pooled(key, tmp, pooled) if pooled is not None else False
+        except BaseException:
+            if kept is not None:
+                kept.close()
+            raise
+        if reused and kept is not None:
+            return kept
+        if kept is not None:  # taken by another instance: its pages are no longer ours
+            kept.close()
+        fd = self._open_tmp(key, tmp, reused)
         try:
             if not reused or os.fstat(fd).st_size != nbytes:
                 os.ftruncate(fd, nbytes)
@@ -426,23 +449,31 @@ class HostTier(Tier):
         finally:
             os.close(fd)
 
-    def _open_tmp(self, key: str, tmp: Path, reuse: Path | None) -> tuple[int, bool]:
-        """Open ``tmp`` read-write, renamed from ``reuse`` when that pooled file still exists."""
+    def _claim_pooled(self, key: str, tmp: Path, pooled: Path) -> bool:
+        """Rename the pooled file ``pooled`` to ``tmp``; False when another instance took it."""
         rel_dir = key.rpartition("/")[0]
         for attempt in range(_CREATE_TRIES):
             try:
                 makedirs_durable(self._dir, rel_dir, fsync=False)
-                if reuse is not None:
-                    try:
-                        os.rename(reuse, tmp)
-                    except FileNotFoundError:
-                        if os.path.exists(reuse):
-                            raise  # our directory vanished, not the pooled file
-                        reuse = None  # taken by another instance: allocate instead
-                if reuse is not None:
-                    return os.open(tmp, os.O_RDWR | os.O_CLOEXEC), True
-                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                return os.open(tmp, flags, 0o600), False
+                os.rename(pooled, tmp)
+                return True
+            except FileNotFoundError:
+                if not os.path.exists(pooled):
+                    return False
+                if attempt == _CREATE_TRIES - 1:  # a concurrent delete pruned the directory
+                    raise
+        raise AssertionError("unreachable")
+
+    def _open_tmp(self, key: str, tmp: Path, reused: bool) -> int:
+        """Open ``tmp`` read-write: the pooled file renamed there, or a new one."""
+        if reused:
+            return os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+        rel_dir = key.rpartition("/")[0]
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        for attempt in range(_CREATE_TRIES):
+            try:
+                makedirs_durable(self._dir, rel_dir, fsync=False)
+                return os.open(tmp, flags, 0o600)
             except FileNotFoundError:  # a concurrent delete pruned the directory: retry
                 if attempt == _CREATE_TRIES - 1:
                     raise
@@ -590,24 +621,36 @@ class HostTier(Tier):
 
     async def _delete_locked(self, key: str, path: Path) -> None:
         async with self._meta_lock:
-            unmapped = self._drop_mapping(key)
+            kept = self._maps.get(key)
+            if kept is not None and _unexported(kept):
+                del self._maps[key]  # goes to the pool with its file
+                unmapped = True
+            else:
+                kept = None
+                unmapped = self._drop_mapping(key)
             pool_path = self._pool_dir / secrets.token_hex(8) if unmapped else None
             try:
                 size, pooled = await asyncio.to_thread(self._remove, path, pool_path)
-            except OSError as exc:
-                raise self._fail("delete", key, exc) from exc
+            except BaseException as exc:
+                if kept is not None:
+                    kept.close()
+                if isinstance(exc, OSError):
+                    raise self._fail("delete", key, exc) from exc
+                raise
             old = self._sizes.pop(key, None)
             if old is not None:
                 self._committed -= old
             if pooled and pool_path is not None:
-                self._pool.append((size, pool_path, self._pool_arrivals))
+                self._pool.append((size, pool_path, self._pool_arrivals, kept))
                 self._pool_arrivals += 1
                 self._pooled += size
+            elif kept is not None:
+                kept.close()
             self._epoch += 1
         if self.pool_max_bytes is not None and self._pooled > self.pool_max_bytes:
             await self._evict_pool(self._pooled - self.pool_max_bytes)
         stale = 0
-        for size, _, arrival in self._pool:
+        for size, _, arrival, _ in self._pool:
             if self._pool_arrivals - arrival <= POOL_STALE_AFTER:
                 break
             stale += size
@@ -645,6 +688,17 @@ class HostTier(Tier):
         if not stat_mod.S_ISREG(st.st_mode):
             raise KeyNotFound(f"{self.name}: no key {key!r}")
         return TierStat(key=key, size_bytes=st.st_size, mtime_s=st.st_mtime)
+
+
+def _unexported(mapping: mmap.mmap) -> bool:
+    """Whether no buffer of ``mapping`` (a block's writable one) is alive, so that it may stage
+    another block: CPython refuses to resize a map while a buffer is exported, and resizing it
+    to its own size changes nothing. A read-only map cannot be resized: False."""
+    try:
+        mapping.resize(len(mapping))
+    except (BufferError, TypeError):
+        return False
+    return True
 
 
 def _map_readonly(path: Path) -> mmap.mmap | None:
