@@ -1,10 +1,16 @@
 """What a method costs beyond training, from one run's rows: CPU seconds per GB checkpointed
-over every thread of the process, and minor page faults per save, both net of the
-no-checkpoint row measured in the same process run."""
+and minor page faults per save, over every thread of the process and its child processes net
+of the no-checkpoint row measured in the same process run; and the background part alone, the
+threads and processes that the no-checkpoint row does not have (a checkpointer's threads,
+a peer's checkpoint process). Training's own CPU and faults move by more between two
+identical runs than a checkpointer spends, so the background figures are the steadier ones;
+they leave out what a method does on the training thread (its stall)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from cpumeter import CHILDREN, ENDED
 
 DCP_BEST = ("DCP-best thread", "DCP-best process")
 
@@ -20,6 +26,11 @@ def add_cpu_cost(row: dict[str, Any], baseline: dict[str, Any], state_bytes: int
     row["cpu_s_per_gb"] = extra_cpu_s / (saves * state_bytes / 1e9)
     row["minflt_per_save"] = extra_faults / saves
     row["cpu_s_by_thread"] = row["cpu_training"]["cpu_s"]  # the timed iterations, by thread
+    training = set(base["cpu_s"]) - {ENDED, CHILDREN}
+    row["cpu_s_per_gb_background"] = sum(
+        v for g, v in cpu["cpu_s"].items() if g not in training) / (saves * state_bytes / 1e9)
+    row["minflt_per_save_background"] = sum(
+        v for g, v in cpu["minflt"].items() if g not in training) / saves
 
 
 def best_dcp(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -5,13 +5,16 @@ checkpointer's loop and I/O threads, a peer's stager and writer threads all coun
 threads are named through ``threading`` (the kernel's name for them is the process's), so a
 thread's group is its Python name without a trailing counter (``asymcheck-...-io_3`` ->
 ``asymcheck-...-io``); threads that ended between two readings count under ``(ended)``,
-from the process totals.
+from the process totals. Child processes (a peer's checkpoint process) count under
+``(child processes)``: those alive from their ``/proc/<pid>/stat``, those ended and reaped
+from ``getrusage(RUSAGE_CHILDREN)``, so one moving from the first to the second is counted once.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import resource
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 _COUNTER = re.compile(r"[_-]\d+$")
 ENDED = "(ended)"
+CHILDREN = "(child processes)"
 
 
 def _stat(path: str) -> tuple[str, float, int] | None:
@@ -62,7 +66,39 @@ def read() -> Reading:
     total = _stat("/proc/self/stat")
     if total is not None:
         out.total_cpu_s, out.total_minflt = total[1], total[2]
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child_cpu_s, child_minflt = reaped.ru_utime + reaped.ru_stime, reaped.ru_minflt
+    for pid in _descendants():
+        got = _stat(f"/proc/{pid}/stat")
+        if got is not None:
+            child_cpu_s += got[1]
+            child_minflt += got[2]
+    out.cpu_s[f"0:{CHILDREN}"] = child_cpu_s
+    out.minflt[f"0:{CHILDREN}"] = child_minflt
+    out.total_cpu_s += child_cpu_s
+    out.total_minflt += child_minflt
     return out
+
+
+def _descendants() -> list[int]:
+    """Every live (or not yet reaped) process below this one."""
+    found: list[int] = []
+    parents = [os.getpid()]
+    while parents:
+        pid = parents.pop()
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            found += kids
+            parents += kids
+    return found
 
 
 @dataclass(frozen=True)

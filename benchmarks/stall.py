@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     dcp_overhead = dcp["iteration_s_median"] / baseline["iteration_s_median"] - 1
     print(f"\nagainst {dcp['method']} (the better DCP-best row)")
     print(f"{'method':18s} {'stall med':>10s} {'stall p90':>10s} {'overhead':>9s} "
-          f"{'stall/DCP':>10s} {'overhead/DCP':>13s} {'CPU-s/GB':>9s} {'faults/save':>12s}")
+          f"{'stall/DCP':>10s} {'overhead/DCP':>13s} {'CPU-s/GB':>9s} {'faults/save':>12s} "
+          f"{'bg CPU-s/GB':>12s} {'bg faults/save':>15s}")
     for r in rows[1:]:
         overhead = r["iteration_s_median"] / baseline["iteration_s_median"] - 1
         r["overhead"] = overhead
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['stall_s_p90'] * 1e3:8.1f}ms {overhead * 100:8.1f}% "
               f"{r['stall_ratio_to_dcp']:10.3f} "
               f"{(r['overhead_ratio_to_dcp'] or float('nan')):13.3f} "
-              f"{r['cpu_s_per_gb']:9.2f} {r['minflt_per_save']:12.0f}")
+              f"{r['cpu_s_per_gb']:9.2f} {r['minflt_per_save']:12.0f} "
+              f"{r['cpu_s_per_gb_background']:12.2f} {r['minflt_per_save_background']:15.0f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "state_bytes": state_bytes, "every": args.every,
