@@ -180,7 +180,6 @@ class Committer:
         commit failed (reported on the handle)."""
         handle, host = prep.handle, self.host
         try:
-            await self.stage.unlock_pages(block)
             metas = await asyncio.to_thread(prep.layout.tensor_metas, block.view, prep.data_name)
             await block.commit(prep.data_key)
             manifest = self.manifest(prep, metas, (FileMeta(prep.data_name,

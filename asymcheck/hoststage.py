@@ -9,7 +9,9 @@ and a save that finds the spare still being reserved waits for it rather than re
 block. While an older host copy is still being flushed and no freed block is pooled, the spare
 waits for retention to free that copy's block instead of mapping a new one.
 For CUDA state the spare is page-locked there too, off the training thread: a device-to-host
-copy into pageable memory would block the training thread for the whole transfer. Pins count who
+copy into pageable memory would block the training thread for the whole transfer. A mapping
+stays page-locked until the host tier unmaps it, so a block reused from the pool is locked
+already and steady-state saves register nothing. Pins count who
 still reads a host copy (a flush, a delta base): a pinned step is never evicted.
 """
 
@@ -27,7 +29,7 @@ from tiers.host import HostBlock, HostTier
 from .layout import spare_key
 from .manifest import committed_steps
 from .retention import delete_step
-from .snapshot import pin_memory
+from .snapshot import block_tensor, pin_memory
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ class HostStage:
         self._spare_wanted: int | None = None
         self._deferred: tuple[int, int] | None = None  # (nbytes, step) of a spare asked again
         self._spare_tasks: set[asyncio.Task[None]] = set()
-        self._locked: dict[HostBlock, Callable[[], None]] = {}  # unregister fn by block
+        self._locked: dict[int, Callable[[], None]] = {}  # unregister fn by mapped address
         self._copying = 0  # blocks handed to saves, not yet committed or aborted
         self._closed = False
         self._loop = asyncio.get_running_loop()
@@ -181,34 +183,37 @@ class HostStage:
             await self.host.drop_pool()
 
     def lock_pages(self, block: HostBlock) -> bool:
-        """Page-lock ``block`` for device-to-host copies until it is committed or aborted."""
+        """Page-lock ``block``'s memory for device-to-host copies until the host tier unmaps
+        it (a block staged through a mapping locked before is locked already)."""
+        if not block.nbytes:
+            return False
+        address = _address(block)
+        if address in self._locked:
+            return True
         unregister = pin_memory(block.view)
         if unregister is None:
             return False
-        self._locked[block] = unregister
+        self._locked[address] = unregister
 
         def unlock() -> None:
-            self._locked.pop(block, None)
+            self._locked.pop(address, None)
             unregister()
-        block.on_close(unlock)
+        block.on_unmap(unlock)
         return True
+
+    def is_locked(self, block: HostBlock) -> bool:
+        return bool(block.nbytes) and _address(block) in self._locked
 
     async def ready(self, block: HostBlock, metrics: dict[str, object]) -> None:
         """Page-lock ``block`` now if state is on a device and no spare was locked ahead."""
         if not self.page_lock:
             return
-        pinned = block in self._locked
+        pinned = self.is_locked(block)
         if not pinned:
             t0 = time.perf_counter()
             pinned = await asyncio.to_thread(self.lock_pages, block)
             metrics["host_pin_s"] = time.perf_counter() - t0
         metrics["host_pinned"] = pinned
-
-    async def unlock_pages(self, block: HostBlock) -> None:
-        """Every byte is in: unlock the pages (off the event loop)."""
-        unlock = self._locked.pop(block, None)
-        if unlock is not None:
-            await asyncio.to_thread(unlock)
 
     async def reserve(self, key: str, nbytes: int) -> HostBlock:
         """A host block for a new checkpoint; under memory pressure, evict old host copies."""
@@ -254,3 +259,7 @@ class HostStage:
         if spare is not None:
             await spare.abort()
 
+
+def _address(block: HostBlock) -> int:
+    """Where ``block``'s memory is mapped (it stays there while the mapping is reused)."""
+    return block_tensor(block.view).data_ptr()

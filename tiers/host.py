@@ -133,6 +133,14 @@ class HostBlock:
             raise TierError(f"{self._tier.name}: block for {self.key!r} is already {self._state}")
         self._on_close.append(fn)
 
+    def on_unmap(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once when the tier lets go of this block's memory mapping, before it is
+        unmapped (to undo what was done to the memory, such as page-locking it for a device).
+        The mapping outlives the block when the block is freed to the pool: a later block of
+        the same size is staged through it, with ``fn`` still pending."""
+        if self._mapping is not None:
+            self._tier._unmap_hooks.setdefault(id(self._mapping), []).append(fn)
+
     def _run_on_close(self) -> None:
         fns, self._on_close = self._on_close, []
         for fn in fns:
@@ -200,6 +208,7 @@ class HostTier(Tier):
         self._pool: list[tuple[int, Path, int, mmap.mmap | None]] = []
         self._pool_arrivals = 0
         self._maps: dict[str, mmap.mmap] = {}
+        self._unmap_hooks: dict[int, list[Callable[[], None]]] = {}  # by id() of a mapping
         self._blocks: set[HostBlock] = set()
         self._epoch = 0  # bumped by every commit and delete
 
@@ -267,6 +276,7 @@ class HostTier(Tier):
     async def _evict_pool(self, need_bytes: int | None) -> None:
         """Unlink pooled blocks, oldest first, until ``need_bytes`` are freed (None: all)."""
         victims: list[Path] = []
+        mappings: list[mmap.mmap] = []
         freed = 0
         while self._pool and (need_bytes is None or freed < need_bytes):
             size, path, _, mapping = self._pool.pop(0)
@@ -274,9 +284,11 @@ class HostTier(Tier):
             freed += size
             victims.append(path)
             if mapping is not None:
-                mapping.close()
+                mappings.append(mapping)
         if victims:
-            await finish_even_if_cancelled(asyncio.to_thread(_unlink_all, victims))
+            unmap = [(self._unmap_hooks.pop(id(m), []), m) for m in mappings]
+            await finish_even_if_cancelled(
+                asyncio.to_thread(_free_all, self.name, victims, unmap))
 
     async def _acquire(self, key: str, nbytes: int) -> _Pooled | None:
         """Reserve ``nbytes``, waiting while they do not fit; returns a pooled file to reuse."""
@@ -349,8 +361,7 @@ class HostTier(Tier):
         for block in list(self._blocks):
             await self._abort_block(block)
         for mapping in self._maps.values():
-            with contextlib.suppress(BufferError):  # a caller still holds a view: theirs now
-                mapping.close()
+            self._let_go(mapping)
         self._maps.clear()
         if self._writer:
             await self._evict_pool(None)
@@ -427,12 +438,12 @@ class HostTier(Tier):
             reused = self._claim_pooled(key, tmp, pooled) if pooled is not None else False
         except BaseException:
             if kept is not None:
-                kept.close()
+                self._let_go(kept)
             raise
         if reused and kept is not None:
             return kept
         if kept is not None:  # taken by another instance: its pages are no longer ours
-            kept.close()
+            self._let_go(kept)
         fd = self._open_tmp(key, tmp, reused)
         try:
             if not reused or os.fstat(fd).st_size != nbytes:
@@ -523,10 +534,10 @@ class HostTier(Tier):
         block._run_on_close()
         block._release_view()
         if block._mapping is not None:
-            with contextlib.suppress(BufferError):
-                block._mapping.close()
+            self._let_go(block._mapping)
         try:
-            await finish_even_if_cancelled(asyncio.to_thread(_unlink_all, [block._tmp_path]))
+            await finish_even_if_cancelled(asyncio.to_thread(
+                _free_all, self.name, [block._tmp_path], []))
             await finish_even_if_cancelled(asyncio.to_thread(
                 prune_empty_dirs, self._dir, block._tmp_path.parent))
         finally:
@@ -535,8 +546,13 @@ class HostTier(Tier):
     def _drop_mapping(self, key: str) -> bool:
         """Forget the cached mapping of ``key``; True when it was unmapped (no views remain)."""
         mapping = self._maps.pop(key, None)
-        if mapping is None:
-            return True
+        return True if mapping is None else self._let_go(mapping)
+
+    def _let_go(self, mapping: mmap.mmap) -> bool:
+        """Run the mapping's unmap hooks and unmap it; False when a view of it is still alive
+        (the memory then stays mapped for that view until it is dropped)."""
+        for fn in self._unmap_hooks.pop(id(mapping), []):
+            _run_hook(self.name, fn)
         try:
             mapping.close()
         except BufferError:  # someone still holds a view; it stays valid for them
@@ -633,7 +649,7 @@ class HostTier(Tier):
                 size, pooled = await asyncio.to_thread(self._remove, path, pool_path)
             except BaseException as exc:
                 if kept is not None:
-                    kept.close()
+                    self._let_go(kept)
                 if isinstance(exc, OSError):
                     raise self._fail("delete", key, exc) from exc
                 raise
@@ -645,7 +661,7 @@ class HostTier(Tier):
                 self._pool_arrivals += 1
                 self._pooled += size
             elif kept is not None:
-                kept.close()
+                self._let_go(kept)
             self._epoch += 1
         if self.pool_max_bytes is not None and self._pooled > self.pool_max_bytes:
             await self._evict_pool(self._pooled - self.pool_max_bytes)
@@ -721,7 +737,21 @@ def _copy_parts(dst: memoryview, parts: list[memoryview]) -> None:
         pos += part.nbytes
 
 
-def _unlink_all(paths: list[Path]) -> None:
+def _run_hook(tier: str, fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except Exception:
+        log.exception("%s: an unmap callback failed", tier)
+
+
+def _free_all(tier: str, paths: list[Path],
+              unmap: list[tuple[list[Callable[[], None]], mmap.mmap]]) -> None:
+    """Unmap ``unmap``'s mappings (each after its hooks) and unlink ``paths``."""
+    for hooks, mapping in unmap:
+        for fn in hooks:
+            _run_hook(tier, fn)
+        with contextlib.suppress(BufferError):
+            mapping.close()
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

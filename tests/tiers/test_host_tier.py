@@ -185,6 +185,34 @@ async def test_a_freed_block_is_reused_through_its_mapping_with_its_pages_still_
     await tier.destroy()
 
 
+async def test_unmap_hooks_run_once_when_the_mapping_is_let_go_not_when_its_block_is_freed(
+) -> None:
+    """What is done to a block's memory (page-locking it for a device) is undone when the tier
+    unmaps it: not at commit, not while the block waits in the pool or stages the next one."""
+    tier = HostTier("shm://hooks")
+    undone: list[str] = []
+    block = await tier.reserve("a", 4096)
+    block.on_unmap(lambda: undone.append("first"))
+    await block.commit()
+    await tier.delete("a")  # to the pool, still mapped
+    again = await tier.reserve("b", 4096)  # staged through the same mapping
+    again.on_unmap(lambda: undone.append("second"))
+    await again.commit()
+    assert undone == []
+    await tier.delete("b")
+    await tier.drop_pool()  # unmapped now
+    assert undone == ["first", "second"]
+    aborted = await tier.reserve("c", 4096)
+    aborted.on_unmap(lambda: undone.append("aborted"))
+    await aborted.abort()
+    kept = await tier.reserve("d", 4096)
+    kept.on_unmap(lambda: undone.append("closed"))
+    await kept.commit()
+    await tier.close()
+    assert undone == ["first", "second", "aborted", "closed"]
+    await tier.destroy()
+
+
 async def test_close_aborts_open_blocks_and_wakes_waiters() -> None:
     tier = HostTier("shm://closing", capacity_bytes=100)
     block = await tier.reserve("a", 100)

@@ -1,0 +1,54 @@
+"""Host staging's page-locking: each mapped block is locked once and stays locked while the host
+tier reuses its mapping, so steady-state saves of device state register no memory.
+
+There is no device here: ``pin_memory`` (cudaHostRegister) is replaced by a recorder;
+``tests/test_cuda.py`` runs the real registration on a GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+import asymcheck.hoststage
+from asymcheck.hoststage import HostStage
+from asymcheck.snapshot import block_tensor
+from tiers import HostTier
+
+
+async def test_a_mapping_is_page_locked_once_and_unlocked_when_the_tier_unmaps_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    locked: list[int] = []
+    unlocked: list[int] = []
+
+    def pin(view: memoryview) -> Any:
+        address = block_tensor(view).data_ptr()
+        locked.append(address)
+        return lambda: unlocked.append(address)
+
+    async def nothing() -> None:
+        return None
+
+    monkeypatch.setattr(asymcheck.hoststage, "pin_memory", pin)
+    host = HostTier("shm://stage-locks")
+    stage = HostStage(host, asyncio.Lock(), on_unpinned=nothing)
+    stage.page_lock = True
+    metrics: list[dict[str, object]] = []
+    for step in range(6):
+        block = await stage.claim(f"step-{step}", 1 << 20)
+        metrics.append({})
+        await stage.ready(block, metrics[-1])
+        await block.commit()
+        if step:  # retention: the older copy's block goes to the pool, still mapped
+            await host.delete(f"step-{step - 1}")
+    assert all(m["host_pinned"] for m in metrics)
+    # two blocks in turn (the kept copy and the one being saved), each locked once
+    assert len(locked) == len(set(locked)) == 2
+    assert all("host_pin_s" in m for m in metrics[:2])
+    assert not any("host_pin_s" in m for m in metrics[2:])
+    assert unlocked == []
+    await host.close()
+    assert sorted(unlocked) == sorted(locked) and not stage._locked
+    await host.destroy()
