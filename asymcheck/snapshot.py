@@ -66,6 +66,30 @@ class Layout:
             offset += -(-n // ALIGN_BYTES) * ALIGN_BYTES
         return cls(tuple(slots), offset, chunk_bytes)
 
+    def slot_views(self, block: torch.Tensor) -> list[torch.Tensor]:
+        """Each slot's bytes in ``block`` (a flat uint8 tensor of ``total_bytes``), cut in one
+        call."""
+        sizes, index = self._cuts
+        parts = torch.split(block, sizes)
+        return [parts[i] for i in index]
+
+    @functools.cached_property
+    def _cuts(self) -> tuple[list[int], list[int]]:
+        """The block cut into slots and the gaps between them: the sizes, and where each
+        slot is among them."""
+        sizes: list[int] = []
+        index: list[int] = []
+        pos = 0
+        for s in self.slots:
+            if s.offset > pos:
+                sizes.append(s.offset - pos)
+            index.append(len(sizes))
+            sizes.append(s.nbytes)
+            pos = s.offset + s.nbytes
+        if self.total_bytes > pos:
+            sizes.append(self.total_bytes - pos)
+        return sizes, index
+
     def signature(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
         return tuple((s.path, s.dtype, s.shape) for s in self.slots)
 

@@ -84,6 +84,7 @@ class Stager:
             "min_partition_bytes": min_partition_bytes,
             "max_partition_bytes": max_partition_bytes}
         self._plans: dict[tuple[Any, ...], PartitionPlan] = {}
+        self._layout: tuple[Any, Layout] | None = None  # the last save's, by its key
         self._pending: _Pending | None = None
         self._pending_lock = threading.Lock()
         self._gate_lock = threading.RLock()
@@ -116,11 +117,19 @@ class Stager:
             "step": step,
         }
         flat = flatten(state)
-        layout = Layout.plan(flat.paths, flat.tensors, self.chunk_bytes)
+        layout = self._layout_of(flat.paths, flat.tensors)
         scheduled, tiers = tiers_for(layout.total_bytes)
         handle = SaveHandle.create(step, tiers, kick=self.finish_pending)
         return Prepared(step, new_save_id(), flat.tensors, layout, pack_skeleton(flat.skeleton),
                         handle, started, any(t.is_cuda for t in flat.tensors), scheduled)
+
+    def _layout_of(self, paths: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Layout:
+        """The block layout of these tensors: the last save's when paths, dtypes and shapes are
+        the same (they are from one save to the next, and planning walks every tensor)."""
+        key = (paths, tuple((t.dtype, t.shape) for t in tensors))
+        if self._layout is None or self._layout[0] != key:
+            self._layout = key, Layout.plan(paths, tensors, self.chunk_bytes)
+        return self._layout[1]
 
     def _deferrable(self, tensors: tuple[torch.Tensor, ...]) -> list[int]:
         """Indices of tensors that only an optimizer step changes (parameters and optimizer
@@ -167,10 +176,9 @@ class Stager:
             for i, (t, slot) in enumerate(zip(prep.tensors, prep.layout.slots, strict=True)):
                 if i not in later:
                     copy_slot(t, slot, target)
+            views = prep.layout.slot_views(target)
             snapshot = AsymSnapshot(
-                plan, [prep.tensors[i] for i in deferred],
-                [target[prep.layout.slots[i].offset:][:prep.layout.slots[i].nbytes]
-                 for i in deferred],
+                plan, [prep.tensors[i] for i in deferred], [views[i] for i in deferred],
                 self._copier_for(prep.tensors[deferred[0]].device), on_done=on_staged)
             handle.metrics["plan"] = plan.summary()
             with self._pending_lock:
