@@ -25,11 +25,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from tiers.host import HostBlock, HostTier
+from tiers.local import buffer_address
 
 from .layout import spare_key
 from .manifest import committed_steps
 from .retention import delete_step
-from .snapshot import block_tensor, pin_memory
+from .snapshot import pin_memory
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ class HostStage:
         it (a block staged through a mapping locked before is locked already)."""
         if not block.nbytes:
             return False
-        address = _address(block)
+        address = buffer_address(block.view)
         if address in self._locked:
             return True
         unregister = pin_memory(block.view)
@@ -202,7 +203,7 @@ class HostStage:
         return True
 
     def is_locked(self, block: HostBlock) -> bool:
-        return bool(block.nbytes) and _address(block) in self._locked
+        return bool(block.nbytes) and buffer_address(block.view) in self._locked
 
     async def ready(self, block: HostBlock, metrics: dict[str, object]) -> None:
         """Page-lock ``block`` now if state is on a device and no spare was locked ahead."""
@@ -259,7 +260,3 @@ class HostStage:
         if spare is not None:
             await spare.abort()
 
-
-def _address(block: HostBlock) -> int:
-    """Where ``block``'s memory is mapped (it stays there while the mapping is reused)."""
-    return block_tensor(block.view).data_ptr()

@@ -16,19 +16,21 @@ DCP_BEST = ("DCP-best thread", "DCP-best process")
 
 
 def add_cpu_cost(row: dict[str, Any], baseline: dict[str, Any], state_bytes: int) -> None:
-    """Add ``cpu_s_per_gb``, ``minflt_per_save`` and ``cpu_s_by_thread`` to ``row``."""
+    """Add ``cpu_s_per_gb``, ``minflt_per_save``, ``cpu_s_by_thread`` and the background
+    ``cpu_s_per_gb_background`` and ``minflt_per_save_background`` to ``row``."""
     saves = max(1, int(row.get("timed_checkpoints", 0)))
+    gb = saves * state_bytes / 1e9
     cpu, base = row["cpu"], baseline["cpu"]
     # the no-checkpoint row ran the same iterations: per iteration, scaled to this row's count
     scale = len(row["iteration_s_all"]) / max(1, len(baseline["iteration_s_all"]))
     extra_cpu_s = cpu["total_cpu_s"] - base["total_cpu_s"] * scale
     extra_faults = cpu["total_minflt"] - base["total_minflt"] * scale
-    row["cpu_s_per_gb"] = extra_cpu_s / (saves * state_bytes / 1e9)
+    row["cpu_s_per_gb"] = extra_cpu_s / gb
     row["minflt_per_save"] = extra_faults / saves
     row["cpu_s_by_thread"] = row["cpu_training"]["cpu_s"]  # the timed iterations, by thread
     training = set(base["cpu_s"]) - {ENDED, CHILDREN}
     row["cpu_s_per_gb_background"] = sum(
-        v for g, v in cpu["cpu_s"].items() if g not in training) / (saves * state_bytes / 1e9)
+        v for g, v in cpu["cpu_s"].items() if g not in training) / gb
     row["minflt_per_save_background"] = sum(
         v for g, v in cpu["minflt"].items() if g not in training) / saves
 

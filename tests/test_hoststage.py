@@ -14,8 +14,8 @@ import pytest
 
 import asymcheck.hoststage
 from asymcheck.hoststage import HostStage
-from asymcheck.snapshot import block_tensor
 from tiers import HostTier
+from tiers.local import buffer_address
 
 
 async def test_a_mapping_is_page_locked_once_and_unlocked_when_the_tier_unmaps_it(
@@ -24,7 +24,7 @@ async def test_a_mapping_is_page_locked_once_and_unlocked_when_the_tier_unmaps_i
     unlocked: list[int] = []
 
     def pin(view: memoryview) -> Any:
-        address = block_tensor(view).data_ptr()
+        address = buffer_address(view)
         locked.append(address)
         return lambda: unlocked.append(address)
 

@@ -551,13 +551,7 @@ class HostTier(Tier):
     def _let_go(self, mapping: mmap.mmap) -> bool:
         """Run the mapping's unmap hooks and unmap it; False when a view of it is still alive
         (the memory then stays mapped for that view until it is dropped)."""
-        for fn in self._unmap_hooks.pop(id(mapping), []):
-            _run_hook(self.name, fn)
-        try:
-            mapping.close()
-        except BufferError:  # someone still holds a view; it stays valid for them
-            return False
-        return True
+        return _unmap(self.name, self._unmap_hooks.pop(id(mapping), []), mapping)
 
     # ---- reads ------------------------------------------------------------------------------
 
@@ -737,21 +731,26 @@ def _copy_parts(dst: memoryview, parts: list[memoryview]) -> None:
         pos += part.nbytes
 
 
-def _run_hook(tier: str, fn: Callable[[], None]) -> None:
+def _unmap(tier: str, hooks: list[Callable[[], None]], mapping: mmap.mmap) -> bool:
+    """Run ``hooks``, then unmap ``mapping``; False when a view of it is still alive (the
+    memory then stays mapped for that view until it is dropped)."""
+    for fn in hooks:
+        try:
+            fn()
+        except Exception:
+            log.exception("%s: an unmap callback failed", tier)
     try:
-        fn()
-    except Exception:
-        log.exception("%s: an unmap callback failed", tier)
+        mapping.close()
+    except BufferError:  # someone still holds a view; it stays valid for them
+        return False
+    return True
 
 
 def _free_all(tier: str, paths: list[Path],
               unmap: list[tuple[list[Callable[[], None]], mmap.mmap]]) -> None:
     """Unmap ``unmap``'s mappings (each after its hooks) and unlink ``paths``."""
     for hooks, mapping in unmap:
-        for fn in hooks:
-            _run_hook(tier, fn)
-        with contextlib.suppress(BufferError):
-            mapping.close()
+        _unmap(tier, hooks, mapping)
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -299,7 +299,8 @@ class _Bounce(threading.local):
 _bounce = _Bounce()
 
 
-def _address(view: memoryview) -> int:
+def buffer_address(view: memoryview) -> int:
+    """Where ``view``'s bytes start in memory (0 for an empty view)."""
     return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if view.nbytes else 0
 
 
@@ -318,7 +319,7 @@ def _write_direct(fd: int, parts: Sequence[memoryview]) -> bool:
             view = flat_bytes(part)
             while view.nbytes:
                 if held == 0 and view.nbytes >= DIRECT_ALIGN and \
-                        _address(view) % DIRECT_ALIGN == 0:
+                        buffer_address(view) % DIRECT_ALIGN == 0:
                     n = view.nbytes - view.nbytes % DIRECT_ALIGN
                     _write_all(fd, [view[:n]])
                     view = view[n:]
