@@ -180,7 +180,11 @@ class Committer:
         commit failed (reported on the handle)."""
         handle, host = prep.handle, self.host
         try:
-            metas = await asyncio.to_thread(prep.layout.tensor_metas, block.view, prep.data_name)
+            hashed = prep.hashed
+            metas = await asyncio.to_thread(prep.layout.tensor_metas, block.view, prep.data_name,
+                                            None if hashed is None else hashed.digests)
+            if hashed is not None:
+                handle.metrics["hashed_while_copying_bytes"] = hashed.nbytes
             await block.commit(prep.data_key)
             manifest = self.manifest(prep, metas, (FileMeta(prep.data_name,
                                                             prep.layout.total_bytes),),

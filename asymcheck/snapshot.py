@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import xxhash
 
 from tiers.local import DIRECT_ALIGN
 
@@ -31,6 +32,8 @@ ALIGN_BYTES = 64
 #: them to disk straight from it (O_DIRECT)
 PAGE_ALIGN_FROM = 64 << 10
 DEFAULT_CHUNK_BYTES = 8 << 20
+#: a copier thread hashes what it copied after every HOT_BYTES, while those bytes are in cache
+HOT_BYTES = 256 << 10
 
 
 def tensor_nbytes(t: torch.Tensor) -> int:
@@ -93,16 +96,22 @@ class Layout:
     def signature(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
         return tuple((s.path, s.dtype, s.shape) for s in self.slots)
 
-    def tensor_metas(self, view: memoryview, file: str) -> tuple[TensorMeta, ...]:
-        """Chunk table of the block in ``view`` (checksums computed here: call off-thread)."""
+    def tensor_metas(self, view: memoryview, file: str,
+                     known: dict[tuple[int, int], int] | None = None) -> tuple[TensorMeta, ...]:
+        """Chunk table of the block in ``view``. ``known`` holds checksums already computed
+        (``ChunkDigests``), by (slot index, chunk offset in the tensor); the others are
+        computed here: call off-thread."""
+        known = known or {}
         metas = []
-        for s in self.slots:
+        for i, s in enumerate(self.slots):
             chunks = []
             for r in range(0, max(s.nbytes, 1), self.chunk_bytes):
                 n = min(self.chunk_bytes, s.nbytes - r)
-                data = view[s.offset + r:s.offset + r + n]
+                digest = known.get((i, r))
+                if digest is None:
+                    digest = checksum(view[s.offset + r:s.offset + r + n])
                 chunks.append(ChunkMeta(file=file, offset=s.offset + r, stored_len=n,
-                                        raw_offset=r, raw_len=n, xxh64=checksum(data)))
+                                        raw_offset=r, raw_len=n, xxh64=digest))
             metas.append(TensorMeta(s.path, s.dtype, s.shape, s.nbytes, tuple(chunks)))
         return tuple(metas)
 
@@ -144,6 +153,58 @@ class Layout:
         return out
 
 
+class ChunkDigests:
+    """Checksums of the deferred tensors' chunks, computed as the copier puts their bytes in
+    the block, while those bytes are still in cache: the commit then checksums only the
+    chunks not fed here (the residual, copied at the step gate, and what was copied at save
+    time). Fed by one thread at a time (the copier's), read once every copy is done.
+
+    A chunk's hash streams over consecutive feeds; a chunk whose bytes arrive out of order,
+    or only in part, is left to the commit.
+    """
+
+    def __init__(self, slots: Sequence[int], sizes: Sequence[int], chunk_bytes: int) -> None:
+        self._slots = list(slots)  # the slot of each deferred tensor
+        self._sizes = list(sizes)
+        self._chunk = chunk_bytes
+        self._open: dict[tuple[int, int], tuple[xxhash.xxh64, int]] = {}
+        #: (slot index, chunk offset in the tensor) -> xxh64 of the chunk
+        self.digests: dict[tuple[int, int], int] = {}
+        self.nbytes = 0  # bytes whose checksum is in ``digests``
+
+    def feed(self, item: int, start: int, data: np.ndarray) -> None:
+        """Bytes [start, start + len(data)) of deferred tensor ``item``, as they are now in
+        the block (``data`` is a flat uint8 view of them)."""
+        view = data.data
+        pos, end, size = start, start + view.nbytes, self._sizes[item]
+        while pos < end:
+            first = pos - pos % self._chunk
+            last = min(first + self._chunk, size)
+            stop = min(end, last)
+            part = view[pos - start:stop - start]
+            if pos == first and stop == last:  # the whole chunk at once
+                self._done(item, first, xxhash.xxh64_intdigest(part), last - first)
+            else:
+                hasher, at = self._open.pop((item, first), (None, first))
+                if pos == first:
+                    hasher = xxhash.xxh64()
+                if hasher is not None and at == pos:
+                    hasher.update(part)
+                    if stop == last:
+                        self._done(item, first, hasher.intdigest(), last - first)
+                    else:
+                        self._open[(item, first)] = (hasher, stop)
+            pos = stop
+
+    def feeder(self, item: int, start: int) -> Callable[[int, np.ndarray], None]:
+        """``feed`` for the bytes of ``item`` from ``start`` on: takes (offset, data)."""
+        return lambda offset, data: self.feed(item, start + offset, data)
+
+    def _done(self, item: int, first: int, digest: int, nbytes: int) -> None:
+        self.digests[(self._slots[item], first)] = digest
+        self.nbytes += nbytes
+
+
 def block_tensor(view: memoryview) -> torch.Tensor:
     """A uint8 tensor over a writable block (no copy)."""
     if view.nbytes == 0:
@@ -181,12 +242,13 @@ class AsymSnapshot:
 
     def __init__(self, plan: PartitionPlan, sources: Sequence[torch.Tensor],
                  targets: Sequence[torch.Tensor], copier: Copier,
-                 on_done: Callable[[], None]) -> None:
+                 on_done: Callable[[], None], digests: ChunkDigests | None = None) -> None:
         self.plan = plan
         self._src = list(sources)
         self._dst = list(targets)
         self._copier = copier
         self._on_done = on_done
+        self._digests = digests  # fed by the copier with what it copies in the windows
         self._lock = threading.Lock()
         self._next = 0
         self._outstanding = 0
@@ -194,11 +256,13 @@ class AsymSnapshot:
         self.residual_bytes = 0
         self.launched_bytes = 0
 
-    def _copy(self, partition: Partition) -> None:
+    def _copy(self, partition: Partition, hash_too: bool = True) -> None:
+        digests = self._digests if hash_too else None
         for piece in partition.pieces:
             src = flat_bytes(self._src[piece.item])
             self._copier.copy(self._dst[piece.item][piece.start:piece.stop],
-                              src[piece.start:piece.stop])
+                              src[piece.start:piece.stop],
+                              None if digests is None else digests.feeder(piece.item, piece.start))
 
     def on_window(self, k: int) -> None:
         with self._lock:
@@ -231,9 +295,9 @@ class AsymSnapshot:
             rest = self.plan.partitions[self._next:]
             self._next = len(self.plan.partitions)
             self._finished = True
-        for part in rest:
+        for part in rest:  # on the training thread: copied, not hashed (the commit does)
             self.residual_bytes += part.nbytes
-            self._copy(part)
+            self._copy(part, hash_too=False)
         self._copier.complete(self._on_done)
 
 
@@ -245,13 +309,24 @@ class Copier:
         self._futures: set[concurrent.futures.Future[None]] = set()
         self._lock = threading.Lock()
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        if src.device.type == "cpu":
-            # numpy's memcpy: a torch copy here would start an OpenMP pool in this thread,
-            # whose spinning workers slow every training iteration, saves or not
-            np.copyto(dst.numpy(), src.numpy())
-        else:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor,
+             feed: Callable[[int, np.ndarray], None] | None = None) -> None:
+        """Copy ``src`` into ``dst`` (flat uint8, ``dst`` in host memory); ``feed(offset,
+        bytes)`` is then given what was copied (here: every ``HOT_BYTES``, still in cache)."""
+        if src.device.type != "cpu":
             dst.copy_(src)
+            if feed is not None:
+                feed(0, dst.numpy())
+            return
+        # numpy's memcpy: a torch copy here would start an OpenMP pool in this thread, whose
+        # spinning workers slow every training iteration, saves or not
+        d, s = dst.numpy(), src.numpy()
+        if feed is None:
+            np.copyto(d, s)
+            return
+        for o in range(0, len(d), HOT_BYTES):
+            np.copyto(d[o:o + HOT_BYTES], s[o:o + HOT_BYTES])
+            feed(o, d[o:o + HOT_BYTES])
 
     def launch(self, fn: Callable[[], None], done: Callable[[], None]) -> None:
         def run() -> None:
@@ -288,21 +363,33 @@ class CudaCopier(Copier):
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
         self._ready = torch.cuda.Event()
+        self._feeds: list[Callable[[], None]] = []  # of the copies enqueued by this launch
 
     def start(self) -> None:
         """Called at save(): the side stream waits for the state the compute stream made."""
         self._ready.record(torch.cuda.current_stream(self.device))
         self.stream.wait_event(self._ready)
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor,
+             feed: Callable[[int, np.ndarray], None] | None = None) -> None:
+        """Enqueue the copy; ``feed`` is given its bytes on a host thread once they are in."""
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=src.is_cuda)
+        if feed is not None:
+            self._feeds.append(functools.partial(feed, 0, dst.numpy()))
 
     def launch(self, fn: Callable[[], None], done: Callable[[], None]) -> None:
         fn()  # enqueues on the side stream: returns at once
+        feeds, self._feeds = self._feeds, []
         event = torch.cuda.Event()
         event.record(self.stream)
-        super().launch(event.synchronize, done)  # a host thread learns when it is done
+
+        def arrived() -> None:  # a host thread learns when the bytes are in, and hashes
+            event.synchronize()  # them while the side stream copies the next partition
+            for feed in feeds:
+                feed()
+
+        super().launch(arrived, done)
 
     def complete(self, on_done: Callable[[], None]) -> None:
         """The compute stream waits for every copy (no CPU stall); a host thread learns when

@@ -28,7 +28,16 @@ from .layout import data_name, new_save_id, step_dir, step_key
 from .partition import BackwardPolicy, ForwardPolicy, PartitionPlan, make_plan
 from .profile import Profiler, WindowTracker
 from .sharding import local_tensor
-from .snapshot import AsymSnapshot, Copier, CudaCopier, Layout, block_tensor, copy_into, copy_slot
+from .snapshot import (
+    AsymSnapshot,
+    ChunkDigests,
+    Copier,
+    CudaCopier,
+    Layout,
+    block_tensor,
+    copy_into,
+    copy_slot,
+)
 from .state import capture_rng, flatten, pack_skeleton
 from .statedict import MODEL, OPTIMIZERS, Capture
 
@@ -49,6 +58,7 @@ class Prepared:
     on_device: bool
     scheduled: tuple[str, ...]  # every tier the save is scheduled on (``handle.tiers``: those
     # it goes to; the host tier is left out when the state streams past it)
+    hashed: ChunkDigests | None = None  # checksums the copier computed (asym mode)
 
     @property
     def data_name(self) -> str:
@@ -177,9 +187,12 @@ class Stager:
                 if i not in later:
                     copy_slot(t, slot, target)
             views = prep.layout.slot_views(target)
+            prep.hashed = ChunkDigests(deferred, [prep.tensors[i].nbytes for i in deferred],
+                                       prep.layout.chunk_bytes)
             snapshot = AsymSnapshot(
                 plan, [prep.tensors[i] for i in deferred], [views[i] for i in deferred],
-                self._copier_for(prep.tensors[deferred[0]].device), on_done=on_staged)
+                self._copier_for(prep.tensors[deferred[0]].device), on_done=on_staged,
+                digests=prep.hashed)
             handle.metrics["plan"] = plan.summary()
             with self._pending_lock:
                 self._pending = _Pending(snapshot, prep)
