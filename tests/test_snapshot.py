@@ -344,8 +344,11 @@ def test_cuda_snapshot_uses_side_stream_and_is_exact() -> None:
         for h in handles:
             h.staged.wait(60)
         assert {h.metrics["mode"] for h in handles[4:]} == {"asym"}
+        # partitions copied on the side stream are checksummed by a host thread as they land
+        assert all(0 < h.metrics["hashed_while_copying_bytes"] <= h.metrics["overlapped_bytes"]
+                   for h in handles[4:-1])
         for step, want in expected.items():
-            loaded = ckpt.load_sync(step)
+            loaded = ckpt.load_sync(step)  # verifies every chunk against those checksums
             assert loaded is not None
             assert_same(want, loaded.state["model"])
 
