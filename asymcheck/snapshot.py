@@ -69,30 +69,6 @@ class Layout:
             offset += -(-n // ALIGN_BYTES) * ALIGN_BYTES
         return cls(tuple(slots), offset, chunk_bytes)
 
-    def slot_views(self, block: torch.Tensor) -> list[torch.Tensor]:
-        """Each slot's bytes in ``block`` (a flat uint8 tensor of ``total_bytes``), cut in one
-        call."""
-        sizes, index = self._cuts
-        parts = torch.split(block, sizes)
-        return [parts[i] for i in index]
-
-    @functools.cached_property
-    def _cuts(self) -> tuple[list[int], list[int]]:
-        """The block cut into slots and the gaps between them: the sizes, and where each
-        slot is among them."""
-        sizes: list[int] = []
-        index: list[int] = []
-        pos = 0
-        for s in self.slots:
-            if s.offset > pos:
-                sizes.append(s.offset - pos)
-            index.append(len(sizes))
-            sizes.append(s.nbytes)
-            pos = s.offset + s.nbytes
-        if self.total_bytes > pos:
-            sizes.append(self.total_bytes - pos)
-        return sizes, index
-
     def signature(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
         return tuple((s.path, s.dtype, s.shape) for s in self.slots)
 
@@ -230,6 +206,16 @@ def flat_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).view(torch.uint8)
 
 
+def host_bytes(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor as a flat uint8 numpy array (no copy). Through
+    numpy where it can: a fraction of the cost of torch's reshape and view per tensor."""
+    try:
+        a = t.numpy()
+    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16, float8), autograd
+        return flat_bytes(t).numpy()
+    return a.reshape(-1).view(np.uint8)
+
+
 class AsymSnapshot:
     """Executes a PartitionPlan for one save: partitions are launched as windows open.
 
@@ -241,11 +227,12 @@ class AsymSnapshot:
     """
 
     def __init__(self, plan: PartitionPlan, sources: Sequence[torch.Tensor],
-                 targets: Sequence[torch.Tensor], copier: Copier,
+                 offsets: Sequence[int], block: np.ndarray, copier: Copier,
                  on_done: Callable[[], None], digests: ChunkDigests | None = None) -> None:
         self.plan = plan
         self._src = list(sources)
-        self._dst = list(targets)
+        self._at = list(offsets)  # where each source's bytes go in ``block`` (flat uint8)
+        self._block = block
         self._copier = copier
         self._on_done = on_done
         self._digests = digests  # fed by the copier with what it copies in the windows
@@ -258,10 +245,11 @@ class AsymSnapshot:
 
     def _copy(self, partition: Partition, hash_too: bool = True) -> None:
         digests = self._digests if hash_too else None
+        block = self._block
         for piece in partition.pieces:
-            src = flat_bytes(self._src[piece.item])
-            self._copier.copy(self._dst[piece.item][piece.start:piece.stop],
-                              src[piece.start:piece.stop],
+            at = self._at[piece.item]
+            self._copier.copy(block[at + piece.start:at + piece.stop], self._src[piece.item],
+                              piece.start, piece.stop,
                               None if digests is None else digests.feeder(piece.item, piece.start))
 
     def on_window(self, k: int) -> None:
@@ -309,24 +297,25 @@ class Copier:
         self._futures: set[concurrent.futures.Future[None]] = set()
         self._lock = threading.Lock()
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor,
+    def copy(self, dst: np.ndarray, src: torch.Tensor, start: int, stop: int,
              feed: Callable[[int, np.ndarray], None] | None = None) -> None:
-        """Copy ``src`` into ``dst`` (flat uint8, ``dst`` in host memory); ``feed(offset,
-        bytes)`` is then given what was copied (here: every ``HOT_BYTES``, still in cache)."""
+        """Copy bytes [start, stop) of ``src`` (contiguous) into ``dst`` (host memory, flat
+        uint8); ``feed(offset, bytes)`` is then given what was copied (here: every
+        ``HOT_BYTES``, while it is in cache)."""
         if src.device.type != "cpu":
-            dst.copy_(src)
+            torch.from_numpy(dst).copy_(flat_bytes(src)[start:stop])
             if feed is not None:
-                feed(0, dst.numpy())
+                feed(0, dst)
             return
         # numpy's memcpy: a torch copy here would start an OpenMP pool in this thread, whose
         # spinning workers slow every training iteration, saves or not
-        d, s = dst.numpy(), src.numpy()
+        s = host_bytes(src)[start:stop]
         if feed is None:
-            np.copyto(d, s)
+            np.copyto(dst, s)
             return
-        for o in range(0, len(d), HOT_BYTES):
-            np.copyto(d[o:o + HOT_BYTES], s[o:o + HOT_BYTES])
-            feed(o, d[o:o + HOT_BYTES])
+        for o in range(0, len(dst), HOT_BYTES):
+            np.copyto(dst[o:o + HOT_BYTES], s[o:o + HOT_BYTES])
+            feed(o, dst[o:o + HOT_BYTES])
 
     def launch(self, fn: Callable[[], None], done: Callable[[], None]) -> None:
         def run() -> None:
@@ -370,13 +359,13 @@ class CudaCopier(Copier):
         self._ready.record(torch.cuda.current_stream(self.device))
         self.stream.wait_event(self._ready)
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor,
+    def copy(self, dst: np.ndarray, src: torch.Tensor, start: int, stop: int,
              feed: Callable[[int, np.ndarray], None] | None = None) -> None:
         """Enqueue the copy; ``feed`` is given its bytes on a host thread once they are in."""
         with torch.cuda.stream(self.stream):
-            dst.copy_(src, non_blocking=src.is_cuda)
+            torch.from_numpy(dst).copy_(flat_bytes(src)[start:stop], non_blocking=src.is_cuda)
         if feed is not None:
-            self._feeds.append(functools.partial(feed, 0, dst.numpy()))
+            self._feeds.append(functools.partial(feed, 0, dst))
 
     def launch(self, fn: Callable[[], None], done: Callable[[], None]) -> None:
         fn()  # enqueues on the side stream: returns at once

@@ -186,13 +186,13 @@ class Stager:
             for i, (t, slot) in enumerate(zip(prep.tensors, prep.layout.slots, strict=True)):
                 if i not in later:
                     copy_slot(t, slot, target)
-            views = prep.layout.slot_views(target)
-            prep.hashed = ChunkDigests(deferred, [prep.tensors[i].nbytes for i in deferred],
+            slots = prep.layout.slots
+            prep.hashed = ChunkDigests(deferred, [slots[i].nbytes for i in deferred],
                                        prep.layout.chunk_bytes)
             snapshot = AsymSnapshot(
-                plan, [prep.tensors[i] for i in deferred], [views[i] for i in deferred],
-                self._copier_for(prep.tensors[deferred[0]].device), on_done=on_staged,
-                digests=prep.hashed)
+                plan, [prep.tensors[i] for i in deferred], [slots[i].offset for i in deferred],
+                target.numpy(), self._copier_for(prep.tensors[deferred[0]].device),
+                on_done=on_staged, digests=prep.hashed)
             handle.metrics["plan"] = plan.summary()
             with self._pending_lock:
                 self._pending = _Pending(snapshot, prep)

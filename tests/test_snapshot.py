@@ -22,7 +22,7 @@ import asymcheck
 from asymcheck.partition import Piece, make_plan, share_bytes
 from asymcheck.profile import BACKWARD, FORWARD, Profile, Window
 from asymcheck.restore import load_checkpoint
-from asymcheck.snapshot import ChunkDigests
+from asymcheck.snapshot import ChunkDigests, host_bytes
 from tests._util import assert_same, model_state, opt_state
 from tiers.registry import open_tier
 
@@ -387,3 +387,16 @@ def test_chunk_digests_streamed_over_pieces_equal_each_chunks_checksum(
             expected[(slots[item], first)] = xxhash.xxh64_intdigest(data[item][first:last])
     assert digests.digests == expected
     assert digests.nbytes == sum(min(sizes[(s - 1) // 2], f + chunk) - f for s, f in expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64,
+                                   torch.bool, torch.complex64])
+def test_host_bytes_views_every_dtypes_bytes_in_place(dtype: torch.dtype) -> None:
+    t = torch.arange(24).reshape(2, 3, 4).to(dtype)
+    for src in (t, t[1], t.sum() if dtype != torch.bool else t[0, 0, 0],
+                t.float().requires_grad_().to(dtype) if dtype.is_floating_point else t):
+        got = host_bytes(src)
+        assert got.dtype == np.uint8 and got.ndim == 1
+        assert got.tobytes() == src.detach().reshape(-1).view(torch.uint8).numpy().tobytes()
+        if src.numel():  # a view of the tensor's memory, not a copy
+            assert got.ctypes.data == src.data_ptr()
