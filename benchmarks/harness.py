@@ -17,6 +17,7 @@ and the restore time per tier.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import ctypes
@@ -30,7 +31,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -620,6 +621,30 @@ class RunResult:
         n, e = len(self.iteration_s), max(1, self.every)
         return [sum(self.iteration_s[i:i + e]) for i in range(0, n - n % e or n, e)]
 
+    @classmethod
+    def pooled(cls, runs: Sequence[RunResult]) -> RunResult:
+        """One row from several rounds of the same method (run interleaved with the other
+        methods, so that the machine's own drift weighs on every method alike): iterations,
+        saves and CPU pooled, peak memory the highest, restore times the mean, bit-exact
+        only when every round was; the method's own figures are its last round's."""
+        if len(runs) == 1:
+            return runs[0]
+        last = runs[-1]
+        extra = {**last.extra,
+                 "cpu": _pooled_usage([r.extra["cpu"] for r in runs]),
+                 "cpu_training": _pooled_usage([r.extra["cpu_training"] for r in runs]),
+                 **{k: sum(r.extra[k] for r in runs)
+                    for k in ("timed_checkpoints", "finish_s", "wall_s")},
+                 "rounds": len(runs),
+                 "iteration_s_mean_by_round": [statistics.fmean(r.iteration_s) for r in runs]}
+        memory = {k: max(r.memory[k] or 0 for r in runs) for k in last.memory}
+        restore = {t: statistics.fmean(r.restore_s[t] for r in runs if t in r.restore_s)
+                   for t in last.restore_s}
+        return cls(last.method, [x for r in runs for x in r.iteration_s],
+                   [x for r in runs for x in r.stall_s], extra, all(r.verified for r in runs),
+                   [x for r in runs for x in r.durable_s],
+                   [x for r in runs for x in r.stored_bytes], restore, memory, last.every)
+
     def summary(self) -> dict[str, Any]:
         stalls = sorted(self.stall_s) or [0.0]
         durable = sorted(self.durable_s)
@@ -644,6 +669,19 @@ class RunResult:
                 "restore_s": self.restore_s,
                 "checkpoints": len(self.stall_s), "verified_bit_exact": self.verified,
                 **self.memory, **self.extra}
+
+
+def _pooled_usage(usages: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``cpumeter.Usage.to_dict()`` figures of several runs, added up."""
+    cpu: collections.Counter[str] = collections.Counter()
+    faults: collections.Counter[str] = collections.Counter()
+    for u in usages:
+        cpu.update(u["cpu_s"])
+        faults.update(u["minflt"])
+    return {"cpu_s": {k: round(v, 3) for k, v in sorted(cpu.items())},
+            "minflt": dict(sorted(faults.items())),
+            "total_cpu_s": round(sum(u["total_cpu_s"] for u in usages), 3),
+            "total_minflt": sum(u["total_minflt"] for u in usages)}
 
 
 def run(method: Method, make: Callable[[], Workload], *, warmup: int, iterations: int,

@@ -13,7 +13,9 @@ data) one process trains the same model once per method and checkpoint frequency
   asym+S                 asym + selective compression (``[compression] mode = "auto"``)
   asym+S+O               asym+S + batched flushing (local tier ``batch = "auto"``)
 
-and records throughput relative to no checkpoint, the training-thread stall of each
+``--rounds`` times (default 2), interleaved, the order reversed every other round, each row
+pooling its rounds, so that the machine's drift over a run weighs on every method alike; it
+records throughput relative to no checkpoint, the training-thread stall of each
 checkpoint, the time until each checkpoint is durable on disk, the bytes stored per
 checkpoint, the peak host memory, and the restore time from every tier; the last checkpoint
 of every run is restored from each tier and compared byte for byte. Results go to
@@ -54,6 +56,7 @@ from harness import (
     DcpAsync,
     Method,
     NoCheckpoint,
+    RunResult,
     TorchSave,
     Workload,
     machine_info,
@@ -206,25 +209,38 @@ def run_model(args: argparse.Namespace, model: str) -> Path:
               f"({timed // every} timed checkpoints)", flush=True)
         rows: list[dict[str, Any]] = []
         out["runs"].append({"every": every, "warmup": warmup, "iterations": timed,
-                            "methods": rows})
-        for m in methods(args.host_states):
-            if args.methods and m.name not in args.methods:
-                continue
-            save(f"running {m.name}, every {every}")
-            # a hang prints every thread's stack and ends this process; the parent goes on
-            faulthandler.dump_traceback_later(args.run_timeout, exit=True)
-            try:
-                r = run(m, make, warmup=warmup, iterations=timed, every=every,
-                        workdir=base / f"every{every}" / m.name.replace(" ", "_"))
-                row = r.summary()
-            except Exception as e:
-                traceback.print_exc()
-                row = {"method": m.name, "error": f"{type(e).__name__}: {e}"}
-            finally:
-                faulthandler.cancel_dump_traceback_later()
-            rows.append(row)
-            print(_line(row), flush=True)
-            relative(rows, every, state_bytes)
+                            "rounds": args.rounds, "methods": rows})
+        chosen = [m for m in methods(args.host_states)
+                  if not args.methods or m.name in args.methods]
+        done: dict[str, list[RunResult]] = {m.name: [] for m in chosen}
+        failed: dict[str, dict[str, Any]] = {}
+        for k in range(args.rounds):
+            # interleaved, the order reversed every other round: the machine's drift over a
+            # round (other load, clock changes) weighs on every method alike
+            for m in chosen if k % 2 == 0 else chosen[::-1]:
+                if m.name in failed:
+                    continue
+                save(f"running {m.name}, every {every}, round {k + 1}")
+                # a hang prints every thread's stack and ends this process; the parent goes on
+                faulthandler.dump_traceback_later(args.run_timeout, exit=True)
+                try:
+                    r = run(m, make, warmup=warmup, iterations=timed, every=every,
+                            workdir=base / f"every{every}" / m.name.replace(" ", "_"))
+                    done[m.name].append(r)
+                    print(f"  {k + 1}/{args.rounds}" + _line(r.summary())[2:], flush=True)
+                except Exception as e:
+                    traceback.print_exc()
+                    failed[m.name] = {"method": m.name, "error": f"{type(e).__name__}: {e}"}
+                finally:
+                    faulthandler.cancel_dump_traceback_later()
+                # every round so far, pooled per method
+                rows[:] = [failed.get(c.name) or RunResult.pooled(done[c.name]).summary()
+                           for c in chosen if c.name in failed or done[c.name]]
+                relative(rows, every, state_bytes)
+        if args.rounds > 1:
+            print(f"  pooled over {args.rounds} rounds:", flush=True)
+            for row in rows:
+                print(_line(row), flush=True)
     save("done")
     if own_workdir:
         shutil.rmtree(base.parent, ignore_errors=True)
@@ -518,6 +534,10 @@ def write_report(results: list[dict[str, Any]], out_dir: Path, total_s: float | 
         "the no-checkpoint run does not have (the checkpointer's own), the steadier figures, "
         "which leave out the training thread's share (its stall).",
         "",
+        "Every method ran in each of the rounds, interleaved with the others, the order "
+        "reversed every other round; its row pools the rounds' iterations, saves and CPU, so "
+        "the machine's drift during a run weighs on every method alike.",
+        "",
         "Stall: seconds the training thread waited per checkpoint (for asym: the save call "
         "plus the wait at the next optimizer step). Throughput: iterations per second over "
         "the median checkpoint period (`every` iterations ending with a save, checkpoint "
@@ -580,8 +600,11 @@ def write_report(results: list[dict[str, Any]], out_dir: Path, total_s: float | 
                   f"of state, config `{json.dumps(res['config'])}`, {res['device']}, "
                   f"{res['seconds']:.0f} s. ![{res['model']}](suite-{res['model']}.png)", ""]
         for rn in res["runs"]:
+            rounds = rn.get("rounds", 1)
             lines += [f"Checkpoint every {rn['every']} iteration(s): {rn['warmup']} warm-up + "
-                      f"{rn['iterations']} timed iterations.", "",
+                      f"{rn['iterations']} timed iterations"
+                      + (f", {rounds} rounds interleaved (pooled)." if rounds > 1 else ".")
+                      + "", "",
                       "| method | it/s | vs none | it/s (mean) | stall med | stall p90 "
                       "| durable med | MB/ckpt | peak MB over none | CPU-s/GB | faults/save "
                       "| bg CPU-s/GB | bg faults/save "
@@ -647,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed iterations per frequency (default 8 for every 1, 3 checkpoint "
                         "periods otherwise)")
     p.add_argument("--methods", default=None, help=f"a subset of: {', '.join(METHODS)}")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="runs of every method, interleaved, the order reversed every other "
+                        "round; a row pools its rounds (default 2)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply model widths (parameters grow about as its square)")
     p.add_argument("--preset", choices=["cpu", "gpu-1b"], default="cpu",
@@ -676,8 +702,11 @@ def main(argv: list[str] | None = None) -> int:
         args.iterations = [int(x) for x in str(args.iterations).split(",")]
     if len(args.iterations) != len(args.every):
         p.error("--iterations needs one count per --every frequency")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if args.quick:
         args.scale = min(args.scale, 0.25)
+        args.rounds = 1
         args.iterations = [min(n, 2 * e) for n, e in zip(args.iterations, args.every,
                                                           strict=True)]
     if args.host_states is None:
