@@ -253,14 +253,17 @@ class Committer:
 
     # ------------------------------------------------------------- retention
     async def retain(self, tier: Tier) -> None:
-        """Keep the newest ``keep`` checkpoints, the delta bases they need, and pinned host
-        copies; delete older ones (only ever after a newer one committed on this tier)."""
+        """Keep the newest ``keep`` checkpoints, the delta bases they need, pinned host
+        copies and each downstream tier's current delta base; delete older ones (only ever
+        after a newer one committed on this tier)."""
         staging = tier.capabilities.in_memory
+        base = None if staging or self.scheduler is None else \
+            self.scheduler.base_step(tier.name)
         async with self._retain_lock(tier):
             try:
                 await self.topology.retain(
                     tier, self.policy.tier(tier.name).keep,
-                    pinned=self.stage.pinned() if staging else (),
+                    pinned=self.stage.pinned() if staging else () if base is None else (base,),
                     bases=not staging and self.policy.compression.mode != "off",
                     cache=self._bases[tier.name])
                 if staging:

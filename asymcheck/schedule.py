@@ -133,6 +133,13 @@ class FlushScheduler:
     def full(self, tier: str) -> bool:
         return self._queues[tier].full()
 
+    def base_step(self, tier: str) -> int | None:
+        """The checkpoint the next deltas on ``tier`` will be coded against: retention on
+        ``tier`` keeps it, even while no checkpoint kept there names it as a base (one whose
+        tensors all went raw names none)."""
+        st = self._state.get(tier)
+        return None if st is None or st.base is None else st.base.step
+
     async def wait_room(self, tier: str) -> None:
         """Return once ``tier``'s queue has room."""
         while self._queues[tier].full():

@@ -99,6 +99,39 @@ def test_delta_chains_keep_their_bases_and_restore_exactly(tmp_path: Path) -> No
         assert_same(expected[step]["opt"], loaded.state["optimizers"][0], f"step {step}")
 
 
+def test_the_tiers_delta_base_stays_while_the_kept_checkpoints_name_no_base(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint whose tensors all went raw (the cost model's choice) names no delta base;
+    retention must still keep the tier's base, which the next delta checkpoint needs."""
+    from asymcheck.schedule import FlushScheduler
+
+    real_choose = FlushScheduler._choose
+    all_raw = [False]
+
+    async def choose(self: FlushScheduler, *args: Any) -> tuple[str, float | None, bool]:
+        return ("raw", None, True) if all_raw[0] else await real_choose(self, *args)
+
+    monkeypatch.setattr(FlushScheduler, "_choose", choose)
+    disk = tmp_path / "disk"
+    model, opt = _model()
+    expected = {}
+    with asymcheck.Checkpointer(model, opt, policy=_policy(tmp_path, "always", full_every=10,
+                                                           keep=1), mode="naive") as ckpt:
+        for step in range(4):
+            all_raw[0] = step in (1, 2)  # step 0 full (the base), 1-2 raw, 3 a delta on 0
+            _train(model, opt, step)
+            expected[step] = copy.deepcopy({"model": model.state_dict(),
+                                            "opt": opt_state(model, opt)})
+            ckpt.save_sync(step).wait_all_sync(60)
+    mans = _manifests(disk)
+    assert [mans[s].info["compression"]["base_steps"] for s in (3,)] == [[0]]
+    assert set(mans) == {0, 3}  # 1 and 2 went (keep = 1); 0 stayed for 3's deltas
+    loaded = load_from(f"file://{disk}", 3)
+    assert loaded is not None
+    assert_same(expected[3]["model"], loaded.state["model"], "step 3")
+    assert_same(expected[3]["opt"], loaded.state["optimizers"][0], "step 3")
+
+
 def test_manifest_records_decisions_and_ratios(tmp_path: Path) -> None:
     _run(_policy(tmp_path, "always"), saves=2)
     man = _manifests(tmp_path / "disk")[1]
