@@ -28,7 +28,7 @@ from .hoststage import HostStage
 from .layout import committed_in, group_step_dirs, manifest_key
 from .manifest import FileMeta, Manifest
 from .policy import Policy
-from .retention import delete_step, plan_uncommitted, settled_uncommitted
+from .retention import delete_step, kept_bases, plan_uncommitted, settled_uncommitted
 from .schedule import FlushJob, FlushScheduler, Job
 from .stager import Prepared
 from .stream import StreamJob
@@ -236,7 +236,7 @@ class Committer:
     async def _flush_done(self, job: Job, tier: str, error: BaseException | None) -> None:
         if error is None:
             comp = job.handle.metrics.get(f"{tier}.compression", {})
-            self._bases[tier][job.manifest.step] = list(comp.get("base_steps", []))
+            self._bases[tier][job.manifest.step] = kept_bases(comp)
             self.topology.resolve(job.handle, tier, None)
             await self.retain(self.tiers[tier])
         else:
@@ -253,17 +253,14 @@ class Committer:
 
     # ------------------------------------------------------------- retention
     async def retain(self, tier: Tier) -> None:
-        """Keep the newest ``keep`` checkpoints, the delta bases they need, pinned host
-        copies and each downstream tier's current delta base; delete older ones (only ever
-        after a newer one committed on this tier)."""
+        """Keep the newest ``keep`` checkpoints, the delta bases they need, and pinned host
+        copies; delete older ones (only ever after a newer one committed on this tier)."""
         staging = tier.capabilities.in_memory
-        base = None if staging or self.scheduler is None else \
-            self.scheduler.base_step(tier.name)
         async with self._retain_lock(tier):
             try:
                 await self.topology.retain(
                     tier, self.policy.tier(tier.name).keep,
-                    pinned=self.stage.pinned() if staging else () if base is None else (base,),
+                    pinned=self.stage.pinned() if staging else (),
                     bases=not staging and self.policy.compression.mode != "off",
                     cache=self._bases[tier.name])
                 if staging:

@@ -29,6 +29,7 @@ from .errors import CommitError
 from .handle import SaveHandle
 from .layout import manifest_key, shard_manifest_key
 from .manifest import Manifest, checksum, committed_steps
+from .retention import kept_bases
 from .state import pack_skeleton
 
 if TYPE_CHECKING:
@@ -178,11 +179,11 @@ class RankCommits:
         sections: Counter[str] = Counter()
         for t in man.tensors:
             sections[t.path.split("/", 1)[0]] += t.nbytes
-        bases = man.info.get("compression", {}).get("base_steps", [])
         return {"rank": self._ranks.rank, "xxh64": checksum(data), "job": man.job,
                 "tensors": len(man.tensors), "tensor_bytes": man.nbytes,
                 "stored_bytes": man.stored_bytes, "sections": dict(sections),
-                "base_steps": sorted({int(b) for b in bases})}
+                # every rank's bases, so that rank 0 never uncommits one another rank needs
+                "base_steps": kept_bases(man.info.get("compression", {}))}
 
     async def _commit(self, entry: _Entry) -> None:
         tier, step = entry.tier, entry.step

@@ -82,11 +82,22 @@ async def settled_uncommitted(tier: Tier, steps: Iterable[int],
     return old
 
 
+def kept_bases(compression: Mapping[str, Any]) -> list[int]:
+    """The delta bases retention keeps while it keeps a checkpoint, from the checkpoint's
+    compression record: those its delta chunks need, and the base the tier's next deltas are
+    coded against, which the checkpoint itself may not name (its tensors may all have gone
+    raw)."""
+    found = {int(s) for s in compression.get("base_steps", [])}
+    if compression.get("next_base") is not None:
+        found.add(int(compression["next_base"]))
+    return sorted(found)
+
+
 def bases_in(manifest: Manifest) -> list[int]:
-    """The delta bases a committed checkpoint needs: from its compression record, or for a
-    global manifest of several ranks, from every rank's shard."""
+    """The delta bases retention keeps with a committed checkpoint (``kept_bases``), or for a
+    global manifest of several ranks, with every rank's shard."""
     info: dict[str, Any] = manifest.info
-    found = set(info.get("compression", {}).get("base_steps", []))
+    found = set(kept_bases(info.get("compression", {})))
     for shard in info.get("ranks", []):
         found.update(shard.get("base_steps", []))
     return sorted(int(s) for s in found)

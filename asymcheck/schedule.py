@@ -133,13 +133,6 @@ class FlushScheduler:
     def full(self, tier: str) -> bool:
         return self._queues[tier].full()
 
-    def base_step(self, tier: str) -> int | None:
-        """The checkpoint the next deltas on ``tier`` will be coded against: retention on
-        ``tier`` keeps it, even while no checkpoint kept there names it as a base (one whose
-        tensors all went raw names none)."""
-        st = self._state.get(tier)
-        return None if st is None or st.base is None else st.base.step
-
     async def wait_room(self, tier: str) -> None:
         """Return once ``tier``'s queue has room."""
         while self._queues[tier].full():
@@ -260,11 +253,17 @@ class FlushScheduler:
             if isinstance(exc, Exception):
                 self._remove_later(tier, man.step, writer.files)
             raise
-        # the bases this checkpoint needs: those of its delta-coded chunks (retention keeps them)
+        # the bases this checkpoint needs: those of its delta-coded chunks; and the base the
+        # next deltas on this tier are coded against, which this checkpoint may not name (its
+        # tensors may all have gone raw): retention keeps both while it keeps this checkpoint
         used = sorted({c.base_step for t in out.tensors for c in t.chunks
                        if c.base_step is not None})
-        compression = {"mode": self._policy.compression.mode, "full": base is None,
+        full = base is None
+        next_base = self._next_base(tier.name, st, man, full=full) \
+            if isinstance(job, FlushJob) else st.base
+        compression = {"mode": self._policy.compression.mode, "full": full,
                        "base_steps": used,
+                       "next_base": None if next_base is None else next_base.step,
                        "raw_bytes": out.raw_bytes, "stored_bytes": out.stored_bytes,
                        "decisions": out.decisions}
         committed = man.with_layout(tuple(out.tensors), tuple(files), tuple(writer.segments),
@@ -276,7 +275,7 @@ class FlushScheduler:
         metrics[f"{tier.name}.fit"] = fit.to_dict()
         metrics[f"{tier.name}.compression"] = compression
         if isinstance(job, FlushJob):
-            await self._advance_base(tier.name, st, man, full=base is None)
+            await self._advance_base(st, next_base, full=full)
         log.debug("step %d durable on %s (%d -> %d bytes)", man.step, tier.name,
                   out.raw_bytes, out.stored_bytes)
 
@@ -386,7 +385,17 @@ class FlushScheduler:
                                  stored_xxh64=ec.stored_xxh64))
         return out
 
-    async def _advance_base(self, tier: str, st: _TierState, man: Manifest, *,
+    def _next_base(self, tier: str, st: _TierState, man: Manifest, *,
+                   full: bool) -> Manifest | None:
+        """The checkpoint the next deltas on ``tier`` are coded against once ``man`` is stored
+        there: ``man`` itself when it is full and deltas against it could pay (no host copy
+        is held for deltas that could not: the next checkpoint is full again), else the
+        current base."""
+        if self._policy.compression.mode == "off" or not full:
+            return st.base
+        return man if self._deltas_could_pay(tier, man) else None
+
+    async def _advance_base(self, st: _TierState, next_base: Manifest | None, *,
                             full: bool) -> None:
         if self._policy.compression.mode == "off":
             return
@@ -395,11 +404,9 @@ class FlushScheduler:
             return
         old, st.since_full = st.base, 0
         st.ratios.clear()  # a new base: sample the ratios afresh
-        if self._deltas_could_pay(tier, man):
-            self._pin_base(man.step)  # the next checkpoints' deltas read this host copy
-            st.base = man
-        else:  # no host copy held for deltas that could not pay: the next one is full again
-            st.base = None
+        if next_base is not None:
+            self._pin_base(next_base.step)  # the next checkpoints' deltas read this host copy
+        st.base = next_base
         if old is not None:
             await self._unpin_base(old.step)
 

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asymcheck.layout import manifest_key, step_dir, step_key, step_of
-from asymcheck.retention import delete_step, plan_deletions, plan_uncommitted
+from asymcheck.manifest import Manifest
+from asymcheck.retention import bases_in, delete_step, kept_bases, plan_deletions, plan_uncommitted
 from tiers.base import KeyNotFound
 from tiers.local import LocalTier
 
@@ -183,3 +184,20 @@ async def test_delete_step_is_no_error_for_keys_already_gone(tmp_path: Path) -> 
             await tier.delete(manifest_key(3))
     finally:
         await tier.close()
+
+
+def test_the_bases_kept_with_a_checkpoint_include_the_tiers_next_base_on_every_rank() -> None:
+    """A checkpoint stored raw names no base, yet the tier's next deltas are coded against
+    one: retention keeps that base with it; a global manifest keeps every rank's."""
+    assert kept_bases({"base_steps": [], "next_base": 5}) == [5]
+    assert kept_bases({"base_steps": [5], "next_base": 9}) == [5, 9]
+    assert kept_bases({"base_steps": [3], "next_base": None}) == [3]
+    assert kept_bases({}) == []
+    single = Manifest(step=12, created_s=0.0, job="j", objects=b"", tensors=(), files=(),
+                      info={"compression": {"base_steps": [], "next_base": 10}})
+    assert bases_in(single) == [10]
+    ranks = Manifest(step=12, created_s=0.0, job="j", objects=b"", tensors=(), files=(),
+                     world_size=2, info={"ranks": [{"base_steps": [10]},
+                                                   {"base_steps": [4, 8]}]})
+    assert bases_in(ranks) == [4, 8, 10]
+    assert plan_deletions([4, 8, 10, 11, 12], 1, needs={12: bases_in(ranks)}) == [11]
