@@ -143,11 +143,7 @@ class HostBlock:
 
     def _run_on_close(self) -> None:
         fns, self._on_close = self._on_close, []
-        for fn in fns:
-            try:
-                fn()
-            except Exception:
-                log.exception("%s: a close callback of %r failed", self._tier.name, self.key)
+        _call_all(fns, f"{self._tier.name}: a close callback of {self.key!r}")
 
     async def __aenter__(self) -> HostBlock:
         return self
@@ -731,14 +727,19 @@ def _copy_parts(dst: memoryview, parts: list[memoryview]) -> None:
         pos += part.nbytes
 
 
-def _unmap(tier: str, hooks: list[Callable[[], None]], mapping: mmap.mmap) -> bool:
-    """Run ``hooks``, then unmap ``mapping``; False when a view of it is still alive (the
-    memory then stays mapped for that view until it is dropped)."""
-    for fn in hooks:
+def _call_all(fns: list[Callable[[], None]], what: str) -> None:
+    """Call each of ``fns``; a failure is logged (as ``what`` failed), and the rest still run."""
+    for fn in fns:
         try:
             fn()
         except Exception:
-            log.exception("%s: an unmap callback failed", tier)
+            log.exception("%s failed", what)
+
+
+def _unmap(tier: str, hooks: list[Callable[[], None]], mapping: mmap.mmap) -> bool:
+    """Run ``hooks``, then unmap ``mapping``; False when a view of it is still alive (the
+    memory then stays mapped for that view until it is dropped)."""
+    _call_all(hooks, f"{tier}: an unmap callback")
     try:
         mapping.close()
     except BufferError:  # someone still holds a view; it stays valid for them
