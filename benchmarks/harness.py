@@ -31,10 +31,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -671,17 +671,26 @@ class RunResult:
                 **self.memory, **self.extra}
 
 
-def _pooled_usage(usages: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _pooled_usage(usages: Sequence[dict[str, Any]]) -> dict[str, object]:
     """``cpumeter.Usage.to_dict()`` figures of several runs, added up."""
     cpu: collections.Counter[str] = collections.Counter()
     faults: collections.Counter[str] = collections.Counter()
     for u in usages:
         cpu.update(u["cpu_s"])
         faults.update(u["minflt"])
-    return {"cpu_s": {k: round(v, 3) for k, v in sorted(cpu.items())},
-            "minflt": dict(sorted(faults.items())),
-            "total_cpu_s": round(sum(u["total_cpu_s"] for u in usages), 3),
-            "total_minflt": sum(u["total_minflt"] for u in usages)}
+    return cpumeter.Usage(dict(cpu), dict(faults)).to_dict()
+
+
+MethodT = TypeVar("MethodT")
+
+
+def interleaved(methods: Sequence[MethodT], rounds: int) -> Iterator[tuple[int, MethodT]]:
+    """(round, method) for ``rounds`` runs of every method, interleaved, the order reversed
+    every other round, so that the machine's drift over a run weighs on every method alike
+    (``RunResult.pooled`` then makes one row of each method's rounds)."""
+    for k in range(rounds):
+        for m in methods if k % 2 == 0 else methods[::-1]:
+            yield k, m
 
 
 def run(method: Method, make: Callable[[], Workload], *, warmup: int, iterations: int,

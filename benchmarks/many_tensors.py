@@ -31,7 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 from costs import add_cpu_cost, best_dcp
-from harness import AsymCheckMethod, Method, NoCheckpoint, RunResult, Workload, machine_info, run
+from harness import (
+    AsymCheckMethod,
+    Method,
+    NoCheckpoint,
+    RunResult,
+    Workload,
+    interleaved,
+    machine_info,
+    run,
+)
 from peers import DcpBest
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,21 +90,20 @@ def main(argv: list[str] | None = None) -> int:
                              *(DcpBest(kind.strip()) for kind in args.peers.split(","))]
     done: dict[str, list[RunResult]] = {m.name: [] for m in methods}
     failed: dict[str, str] = {}
-    for k in range(args.rounds):
-        for m in methods if k % 2 == 0 else methods[::-1]:
-            if m.name in failed:
-                continue
-            try:
-                r = run(m, make, warmup=warmup, iterations=args.iterations, every=1,
-                        workdir=base / f"{m.name.replace(' ', '_')}-{k}")
-            except Exception as e:  # a peer that cannot save this state is a result too
-                failed[m.name] = f"{type(e).__name__}: {e}"
-                print(f"  round {k + 1}: {m.name:17s} FAILED: {failed[m.name]}", flush=True)
-                continue
-            done[m.name].append(r)
-            print(f"  round {k + 1}: {m.name:17s} iteration {statistics.fmean(r.iteration_s):.3f}"
-                  f" s  stall median {statistics.median(r.stall_s or [0.0]) * 1e3:7.1f} ms  "
-                  f"verified={r.verified}", flush=True)
+    for k, m in interleaved(methods, args.rounds):
+        if m.name in failed:
+            continue
+        try:
+            r = run(m, make, warmup=warmup, iterations=args.iterations, every=1,
+                    workdir=base / f"{m.name.replace(' ', '_')}-{k}")
+        except Exception as e:  # a peer that cannot save this state is a result too
+            failed[m.name] = f"{type(e).__name__}: {e}"
+            print(f"  round {k + 1}: {m.name:17s} FAILED: {failed[m.name]}", flush=True)
+            continue
+        done[m.name].append(r)
+        print(f"  round {k + 1}: {m.name:17s} iteration {statistics.fmean(r.iteration_s):.3f}"
+              f" s  stall median {statistics.median(r.stall_s or [0.0]) * 1e3:7.1f} ms  "
+              f"verified={r.verified}", flush=True)
     if methods[0].name in failed or methods[1].name in failed:
         print(f"\nfailed: {failed}")
         return 1

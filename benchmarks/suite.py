@@ -59,6 +59,7 @@ from harness import (
     RunResult,
     TorchSave,
     Workload,
+    interleaved,
     machine_info,
     make_workload,
     model_config,
@@ -214,29 +215,26 @@ def run_model(args: argparse.Namespace, model: str) -> Path:
                   if not args.methods or m.name in args.methods]
         done: dict[str, list[RunResult]] = {m.name: [] for m in chosen}
         failed: dict[str, dict[str, Any]] = {}
-        for k in range(args.rounds):
-            # interleaved, the order reversed every other round: the machine's drift over a
-            # round (other load, clock changes) weighs on every method alike
-            for m in chosen if k % 2 == 0 else chosen[::-1]:
-                if m.name in failed:
-                    continue
-                save(f"running {m.name}, every {every}, round {k + 1}")
-                # a hang prints every thread's stack and ends this process; the parent goes on
-                faulthandler.dump_traceback_later(args.run_timeout, exit=True)
-                try:
-                    r = run(m, make, warmup=warmup, iterations=timed, every=every,
-                            workdir=base / f"every{every}" / m.name.replace(" ", "_"))
-                    done[m.name].append(r)
-                    print(f"  {k + 1}/{args.rounds}" + _line(r.summary())[2:], flush=True)
-                except Exception as e:
-                    traceback.print_exc()
-                    failed[m.name] = {"method": m.name, "error": f"{type(e).__name__}: {e}"}
-                finally:
-                    faulthandler.cancel_dump_traceback_later()
-                # every round so far, pooled per method
-                rows[:] = [failed.get(c.name) or RunResult.pooled(done[c.name]).summary()
-                           for c in chosen if c.name in failed or done[c.name]]
-                relative(rows, every, state_bytes)
+        for k, m in interleaved(chosen, args.rounds):
+            if m.name in failed:
+                continue
+            save(f"running {m.name}, every {every}, round {k + 1}")
+            # a hang prints every thread's stack and ends this process; the parent goes on
+            faulthandler.dump_traceback_later(args.run_timeout, exit=True)
+            try:
+                r = run(m, make, warmup=warmup, iterations=timed, every=every,
+                        workdir=base / f"every{every}" / m.name.replace(" ", "_"))
+                done[m.name].append(r)
+                print(f"  {k + 1}/{args.rounds}" + _line(r.summary())[2:], flush=True)
+            except Exception as e:
+                traceback.print_exc()
+                failed[m.name] = {"method": m.name, "error": f"{type(e).__name__}: {e}"}
+            finally:
+                faulthandler.cancel_dump_traceback_later()
+            # every round so far, pooled per method
+            rows[:] = [failed.get(c.name) or RunResult.pooled(done[c.name]).summary()
+                       for c in chosen if c.name in failed or done[c.name]]
+            relative(rows, every, state_bytes)
         if args.rounds > 1:
             print(f"  pooled over {args.rounds} rounds:", flush=True)
             for row in rows:
