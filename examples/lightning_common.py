@@ -57,7 +57,8 @@ def images(args: argparse.Namespace, num_labels: int) -> ResumableDataLoader:
 
 
 class Report(pl.Callback):
-    """One line per checkpoint; SIGKILL after ``crash_at`` optimizer steps."""
+    """One line per checkpoint; SIGKILL after ``crash_at`` optimizer steps, once the last
+    checkpoint is durable, so the resumed run starts from a known step."""
 
     def __init__(self, ckpt: AsymCheckCallback, crash_at: int) -> None:
         self.ckpt, self.crash_at = ckpt, crash_at
@@ -69,6 +70,8 @@ class Report(pl.Callback):
             print(f"step {h.step:4d}  loss {float(outputs['loss']):.4f}  checkpoint stall "
                   f"{h.stall_s * 1e3:.1f} ms ({h.metrics['mode']})", flush=True)
         if trainer.global_step == self.crash_at:
+            if h is not None:
+                h.wait_all_sync(120)
             print(f"step {self.crash_at:4d}  simulating a crash: SIGKILL", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
