@@ -79,7 +79,8 @@ class Committer:
         if host.capacity_bytes is None:  # shared by the ranks of this host
             host.capacity_bytes = _shm_default_capacity(host) // self.topology.local_ranks
         self._stage = HostStage(host, self._retain_lock(host),
-                                on_unpinned=lambda: self.retain(self.host))
+                                on_unpinned=lambda: self.retain(self.host),
+                                keep=self.policy.staging.keep)
         self.scheduler = FlushScheduler(self.tiers, self.policy, on_done=self._flush_done,
                                         pin_base=self.stage.pin_base,
                                         unpin_base=self.stage.unpin_base)
@@ -122,7 +123,7 @@ class Committer:
             yield self._committed()
             block = stage.take_spare(prep.layout.total_bytes)
         if block is None:
-            block = yield stage.claim(prep.data_key, prep.layout.total_bytes)
+            block = yield stage.claim(prep.data_key, prep.layout.total_bytes, handle.metrics)
         stage.copying(block)
         if stage.page_lock:
             yield stage.ready(block, handle.metrics)
@@ -223,7 +224,7 @@ class Committer:
             self.topology.resolve(job.handle, name, TierSkipped(
                 f"step {step} skipped on tier {name!r}: its queue was full"))
             return
-        self.stage.pin(step)
+        self.stage.pin(step, waited=self._waited(name))
         await self.scheduler.submit(name, job)
 
     async def hand_off_stream(self, job: StreamJob) -> None:
@@ -241,7 +242,13 @@ class Committer:
             await self.retain(self.tiers[tier])
         else:
             self.fail(job.handle, (tier,), error)
-        await self.stage.unpin(job.manifest.step)
+        await self.stage.unpin(job.manifest.step,
+                               waited=isinstance(job, FlushJob) and self._waited(tier))
+
+    def _waited(self, tier: str) -> bool:
+        """Whether a host copy still read by a flush to ``tier`` makes the next save wait
+        rather than map one more block (``on_full = "wait"``, see ``hoststage``)."""
+        return self.policy.tier(tier).on_full == "wait"
 
     def fail(self, handle: SaveHandle, tiers: Iterable[str], error: BaseException) -> None:
         log.error("checkpoint step %d failed on %s: %s", handle.step, ", ".join(tiers), error)

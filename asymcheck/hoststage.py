@@ -7,7 +7,12 @@ faulted in; freed blocks beyond the spare are given back, and no spare is reserv
 save's block is still being copied, so the host holds its kept checkpoints and one block more),
 and a save that finds the spare still being reserved waits for it rather than reserving a second
 block. While an older host copy is still being flushed and no freed block is pooled, the spare
-waits for retention to free that copy's block instead of mapping a new one.
+waits for retention to free that copy's block instead of mapping a new one, and so does a save:
+while a host copy that retention would free (older than the ``keep`` newest, no delta base) is
+still read by a flush to an ``on_full = "wait"`` tier, the next save waits for that flush
+(backpressure, part of its stall) rather than map one more block, so the host holds its kept
+checkpoints, the delta bases, and one block more. A flush to an ``on_full = "skip"`` tier never
+makes a save wait: its host copy may hold one more block, within the tier's byte budget.
 For CUDA state the spare is page-locked there too, off the training thread: a device-to-host
 copy into pageable memory would block the training thread for the whole transfer. A mapping
 stays page-locked until the host tier unmaps it, so a block reused from the pool is locked
@@ -23,6 +28,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from tiers.host import HostBlock, HostTier
 from tiers.local import buffer_address
@@ -40,14 +46,17 @@ class HostStage:
     except ``take_spare``, which is thread-safe). Made on the loop thread."""
 
     def __init__(self, host: HostTier, lock: asyncio.Lock,
-                 on_unpinned: Callable[[], Awaitable[None]]) -> None:
+                 on_unpinned: Callable[[], Awaitable[None]], keep: int = 1) -> None:
         self.host = host
+        self.keep = keep  # the host tier's kept checkpoints (its policy's ``keep``)
         self.page_lock = False  # CUDA state: blocks are page-locked for device copies
         self._lock = lock  # the host tier's retention lock: eviction deletes under it
         self._on_unpinned = on_unpinned
         self._pins: Counter[int] = Counter()
         self._base_pins: Counter[int] = Counter()  # the delta bases among them
+        self._waited_pins: Counter[int] = Counter()  # flushes a new save waits for
         self._pins_changed = asyncio.Event()
+        self._released = asyncio.Event()  # a waited-for pin dropped, and retention ran
         self._spare_lock = threading.Lock()
         self._spare: HostBlock | None = None
         self._spare_wanted: int | None = None
@@ -62,12 +71,19 @@ class HostStage:
     def pinned(self) -> set[int]:
         return {s for s, n in self._pins.items() if n > 0}
 
-    def pin(self, step: int) -> None:
-        """Keep the host copy of ``step``: a flush or a delta base still reads it."""
+    def pin(self, step: int, *, waited: bool = False) -> None:
+        """Keep the host copy of ``step``: a flush or a delta base still reads it. ``waited``:
+        a flush that the next save waits for rather than map one more block."""
         self._pins[step] += 1
+        if waited:
+            self._waited_pins[step] += 1
 
-    def drop_pin(self, step: int) -> bool:
+    def drop_pin(self, step: int, *, waited: bool = False) -> bool:
         """Release one pin of ``step``; True when it was the last."""
+        if waited:
+            self._waited_pins[step] -= 1
+            if self._waited_pins[step] <= 0:
+                del self._waited_pins[step]
         self._pins[step] -= 1
         if self._pins[step] > 0:
             return False
@@ -75,9 +91,11 @@ class HostStage:
         self._pins_changed.set()
         return True
 
-    async def unpin(self, step: int) -> None:
-        if self.drop_pin(step):
-            await self._on_unpinned()
+    async def unpin(self, step: int, *, waited: bool = False) -> None:
+        if self.drop_pin(step, waited=waited):
+            await self._on_unpinned()  # retention: this copy's block may be freed now
+        if waited:
+            self._released.set()
 
     def pin_base(self, step: int) -> None:
         """Keep the host copy of ``step`` while deltas are coded against it."""
@@ -105,10 +123,13 @@ class HostStage:
             return None
         return block
 
-    async def claim(self, key: str, nbytes: int) -> HostBlock:
-        """A block for a save of ``nbytes`` when no spare was ready: the reservation of one
+    async def claim(self, key: str, nbytes: int,
+                    metrics: dict[str, Any] | None = None) -> HostBlock:
+        """A block for a save of ``nbytes`` when no spare was ready: once a flush that holds a
+        copy retention would free is done (:meth:`_await_flushed`), the reservation of one
         still in flight (a second block beside it would hold one more copy of the state in
         shared memory until it is given back), else a new one."""
+        await self._await_flushed(nbytes, metrics)
         cap = self.host.capacity_bytes
         with self._spare_lock:
             # wait only for a reservation that cannot be blocked by the byte budget (under
@@ -123,6 +144,27 @@ class HostStage:
             if block is not None:
                 return block
         return await self.reserve(key, nbytes)
+
+    async def _await_flushed(self, nbytes: int, metrics: dict[str, Any] | None) -> None:
+        """Wait while no block of ``nbytes`` is pooled or being reserved and a host copy that
+        retention would free is still read by a waited-for flush (counted in the save's
+        ``backpressure_s``)."""
+        t0 = time.perf_counter()
+        waited = False
+        while not self._closed and self._waited_pins and not self.host.has_pooled(nbytes):
+            with self._spare_lock:
+                if self._spare_wanted == nbytes:
+                    break  # a spare is being reserved (from a freed block, if one is pooled)
+            self._released.clear()
+            steps = await committed_steps(self.host)
+            if not any(self._waited_pins[s] and not self._base_pins[s]
+                       for s in steps[:-self.keep]):
+                break
+            await self._released.wait()
+            waited = True
+        if waited and metrics is not None:
+            metrics["backpressure_s"] = (metrics.get("backpressure_s", 0.0)
+                                         + time.perf_counter() - t0)
 
     def copying(self, block: HostBlock) -> None:
         """``block`` is a save's, until it is committed or aborted (any thread)."""
@@ -252,6 +294,7 @@ class HostStage:
 
     async def close(self) -> None:
         self._closed = True
+        self._released.set()  # a save waiting for a flush goes on (and finds the tier closed)
         for task in list(self._spare_tasks):
             task.cancel()
         await asyncio.gather(*self._spare_tasks, return_exceptions=True)

@@ -291,6 +291,33 @@ def test_on_full_wait_persists_every_checkpoint_and_reports_the_stall(tmp_path: 
     assert all(h.stall_s >= h.metrics["backpressure_s"] for h in waited)  # counted as stall
 
 
+def test_a_save_waits_for_a_flush_rather_than_map_more_than_one_block_beyond_the_kept(
+        tmp_path: Path) -> None:
+    """Host keep = 1 and a tier that takes 0.6 s a checkpoint (on_full = wait): a save that
+    finds the older copy still being flushed waits for it, so shared memory never holds more
+    than the kept copy and the block being saved (before, the queue let it map five)."""
+    model = _many_tensors(4)
+    peak, stop = [0], threading.Event()
+    with asymcheck.Checkpointer(model, None, policy=_throttled_policy(tmp_path, "wait")) as ck:
+        def sample() -> None:
+            while not stop.wait(0.001):
+                if ck._commit.tiers:
+                    peak[0] = max(peak[0], ck._commit.host.used_bytes)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            handles = [ck.save_sync(s) for s in range(6)]
+            for h in handles:
+                h.durable("slow").wait(60)
+        finally:
+            stop.set()
+            sampler.join()
+        block = ck._commit.host.committed_bytes  # the one kept copy: its block and manifest
+    assert sorted(_manifests(tmp_path / "slow")) == list(range(6))
+    assert block <= peak[0] <= 2 * block
+    assert sum(h.metrics.get("backpressure_s", 0) > 0 for h in handles) >= 3
+
+
 def test_wait_idle_returns_once_every_flush_and_its_retention_is_done(tmp_path: Path) -> None:
     model = _many_tensors(8, 256)
     policy = _write(tmp_path, f"""
