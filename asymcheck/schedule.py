@@ -85,6 +85,7 @@ class _TierState:
     base: Manifest | None = None  # the last full checkpoint written here (kept in host memory)
     since_full: int = 0
     ratios: dict[tuple[str, str], float] = field(default_factory=dict)
+    base_refused: bool = False  # a base did not fit the host budget (logged once)
 
 
 def tensor_span(meta: TensorMeta) -> tuple[str, int]:
@@ -393,7 +394,31 @@ class FlushScheduler:
         current base."""
         if self._policy.compression.mode == "off" or not full:
             return st.base
-        return man if self._deltas_could_pay(tier, man) else None
+        return man if self._deltas_could_pay(tier, man) and self._host_holds_base(tier, man) \
+            else None
+
+    def _host_holds_base(self, tier: str, man: Manifest) -> bool:
+        """Whether the host tier's byte budget holds ``man`` as a delta base beside the other
+        tiers' bases, the kept checkpoints and the block of the next save: a base is pinned
+        until the next full checkpoint, so one the budget cannot hold would leave the next
+        save waiting for room that never comes. Without room, the tier's checkpoints are
+        coded full."""
+        cap = self._host.capacity_bytes
+        if cap is None:
+            return True
+        bases = {st.base.step for name, st in self._state.items()
+                 if name != tier and st.base is not None} | {man.step}
+        copies = self._policy.staging.keep + 1 + len(bases)
+        block = sum(f.size for f in man.files)  # the host copy's block
+        if copies * block <= cap:
+            return True
+        st = self._state[tier]
+        if not st.base_refused:
+            st.base_refused = True
+            log.info("tier %s: no delta base held in host memory (%d copies of %d bytes do "
+                     "not fit the host budget of %d bytes): its checkpoints are coded full",
+                     tier, copies, block, cap)
+        return False
 
     async def _advance_base(self, st: _TierState, next_base: Manifest | None, *,
                             full: bool) -> None:

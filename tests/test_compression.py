@@ -132,6 +132,60 @@ def test_the_tiers_delta_base_stays_while_the_kept_checkpoints_name_no_base(
     assert_same(expected[3]["opt"], loaded.state["optimizers"][0], "step 3")
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("budget", [2.5, 4])
+def test_a_delta_base_is_held_in_host_memory_only_where_the_budget_has_room(
+        tmp_path: Path, budget: float) -> None:
+    """Host keep = 1 and a budget of ``budget`` checkpoints: at 2.5 the kept copy and the next
+    save's block fit but a base beside them does not, so none is held and every checkpoint is
+    coded full (a base held there left the third save waiting for room that never came);
+    at 4 the base is held and the checkpoints after it are deltas."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def train(step: int) -> None:
+        x = torch.randn(8, 512, generator=torch.Generator().manual_seed(step))
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    train(-1)
+    leaves = torch.utils._pytree.tree_leaves([model.state_dict(), opt_state(model, opt)])
+    state = sum(t.nbytes for t in leaves if isinstance(t, torch.Tensor))
+    policy = tmp_path / "tiers.toml"
+    policy.write_text(textwrap.dedent(f"""
+        [[tier]]
+        name = "host"
+        url = "shm://base-budget"
+        keep = 1
+        capacity = {int(budget * state)}
+        [[tier]]
+        name = "disk"
+        url = "file:disk"
+        keep = 2
+        [compression]
+        mode = "always"
+        full_every = 10
+        min_bytes = 1
+    """))
+    expected = {}
+    with asymcheck.Checkpointer(model, opt, policy=policy, mode="naive") as ckpt:
+        for step in range(4):
+            train(step)
+            expected[step] = copy.deepcopy({"model": model.state_dict(),
+                                            "opt": opt_state(model, opt)})
+            ckpt.save_sync(step).wait_all_sync(60)
+    mans = _manifests(tmp_path / "disk")
+    assert sorted(mans) == [2, 3] if budget < 3 else [0, 2, 3]
+    bases = [mans[s].info["compression"]["base_steps"] for s in (2, 3)]
+    assert bases == ([[], []] if budget < 3 else [[0], [0]])
+    loaded = load_from(f"file://{tmp_path / 'disk'}", 3)
+    assert loaded is not None
+    assert_same(expected[3]["model"], loaded.state["model"], "step 3")
+    assert_same(expected[3]["opt"], loaded.state["optimizers"][0], "step 3")
+
+
 def test_manifest_records_decisions_and_ratios(tmp_path: Path) -> None:
     _run(_policy(tmp_path, "always"), saves=2)
     man = _manifests(tmp_path / "disk")[1]
