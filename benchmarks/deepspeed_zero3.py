@@ -74,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cpumeter
-from harness import tensor_bytes, write_report_section
+from harness import interleaved, tensor_bytes, write_report_section
 from sharded import (
     add_background_cpu,
     differences,
@@ -446,30 +446,29 @@ def rank_main(rank: int, cfg: dict[str, Any], port: int, work: str) -> None:
             for every in cfg["every"]:
                 group = f"{name}/every{every}"
                 res = results[group] = {row: [] for row in rows}
-                for k in range(rounds):
-                    # interleaved, the order reversed every other round, so that load from
-                    # elsewhere and drift over the run fall on every row alike
-                    for row in rows if k % 2 == 0 else rows[::-1]:
-                        if any("error" in r for r in res[row]):
-                            continue
-                        t0 = time.perf_counter()
-                        final = k == rounds - 1
-                        rowdir = Path(work) / f"{name}-{every}" / (
-                            row if final else f"{row}-round{k}")
-                        try:
-                            got = run_row(row, name, every, cfg, rank, rowdir, final)
-                        except Exception as e:  # reported; the other rows still run
-                            got = {"rank": rank, "error": f"{type(e).__name__}: {e}",
-                                   "traceback": traceback.format_exc()}
-                            print(f"rank {rank}: {group} {NAMES[row]} failed: "
-                                  f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                            dist.barrier()
-                        got["wall_s"] = time.perf_counter() - t0
-                        res[row].append(got)
-                        if rank == 0:
-                            print(f"  {group:12s} round {k + 1}/{rounds} {NAMES[row]:19s} "
-                                  f"{got['wall_s']:6.1f} s"
-                                  f"{'  (failed)' if 'error' in got else ''}", flush=True)
+                # interleaved, the order reversed every other round, so that load from
+                # elsewhere and drift over the run fall on every row alike
+                for k, row in interleaved(rows, rounds):
+                    if any("error" in r for r in res[row]):
+                        continue
+                    t0 = time.perf_counter()
+                    final = k == rounds - 1
+                    rowdir = Path(work) / f"{name}-{every}" / (
+                        row if final else f"{row}-round{k}")
+                    try:
+                        got = run_row(row, name, every, cfg, rank, rowdir, final)
+                    except Exception as e:  # reported; the other rows still run
+                        got = {"rank": rank, "error": f"{type(e).__name__}: {e}",
+                               "traceback": traceback.format_exc()}
+                        print(f"rank {rank}: {group} {NAMES[row]} failed: "
+                              f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                        dist.barrier()
+                    got["wall_s"] = time.perf_counter() - t0
+                    res[row].append(got)
+                    if rank == 0:
+                        print(f"  {group:12s} round {k + 1}/{rounds} {NAMES[row]:19s} "
+                              f"{got['wall_s']:6.1f} s"
+                              f"{'  (failed)' if 'error' in got else ''}", flush=True)
     finally:
         Path(work, f"rank-{rank}.json").write_text(json.dumps(results))
         dist.destroy_process_group()

@@ -70,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cpumeter
+from harness import interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORLD = 2
@@ -566,29 +567,27 @@ def rank_main(rank: int, cfg: dict[str, Any], port: int, work: str) -> None:
     results: dict[str, list[dict[str, Any]]] = {row: [] for row in cfg["rows"]}
     rounds = cfg["rounds"]
     try:
-        for k in range(rounds):
-            # interleaved, the order reversed every other round, so that a burst of load from
-            # elsewhere and any drift over the run fall on every row alike
-            order = cfg["rows"] if k % 2 == 0 else cfg["rows"][::-1]
-            for row in order:
-                if any("error" in r for r in results[row]):
-                    continue
-                t0 = time.perf_counter()
-                final = k == rounds - 1
-                rowdir = Path(work) / (row if final else f"{row}-round{k}")
-                try:
-                    got = run_row(row, cfg, rank, mesh, pg, rowdir, final)
-                except Exception as e:  # a row that fails is reported, the others still run
-                    got = {"rank": rank, "error": f"{type(e).__name__}: {e}",
-                           "traceback": traceback.format_exc()}
-                    print(f"rank {rank}: {NAMES[row]} failed: {type(e).__name__}: {e}",
-                          file=sys.stderr, flush=True)
-                    dist.barrier()
-                got["wall_s"] = time.perf_counter() - t0
-                results[row].append(got)
-                if rank == 0:
-                    print(f"  round {k + 1}/{rounds} {NAMES[row]:17s} {got['wall_s']:6.1f} s"
-                          f"{'  (failed)' if 'error' in got else ''}", flush=True)
+        # interleaved, the order reversed every other round, so that a burst of load from
+        # elsewhere and any drift over the run fall on every row alike
+        for k, row in interleaved(cfg["rows"], rounds):
+            if any("error" in r for r in results[row]):
+                continue
+            t0 = time.perf_counter()
+            final = k == rounds - 1
+            rowdir = Path(work) / (row if final else f"{row}-round{k}")
+            try:
+                got = run_row(row, cfg, rank, mesh, pg, rowdir, final)
+            except Exception as e:  # a row that fails is reported, the others still run
+                got = {"rank": rank, "error": f"{type(e).__name__}: {e}",
+                       "traceback": traceback.format_exc()}
+                print(f"rank {rank}: {NAMES[row]} failed: {type(e).__name__}: {e}",
+                      file=sys.stderr, flush=True)
+                dist.barrier()
+            got["wall_s"] = time.perf_counter() - t0
+            results[row].append(got)
+            if rank == 0:
+                print(f"  round {k + 1}/{rounds} {NAMES[row]:17s} {got['wall_s']:6.1f} s"
+                      f"{'  (failed)' if 'error' in got else ''}", flush=True)
     finally:
         Path(work, f"rank-{rank}.json").write_text(json.dumps(results))
         dist.destroy_process_group()

@@ -150,7 +150,7 @@ def relative(rows: list[dict[str, Any]], every: int = 1, state_bytes: int | None
                 r["peak_host_bytes_over_baseline"] = (r["peak_host_bytes"]
                                                       - base["peak_host_bytes"])
     best = [r for r in rows if r["method"] in DCP_BEST]
-    if best:  # the better DCP-best row (lower mean iteration time): the headline's reference
+    if best:  # the better DCP-best row (lower median iteration time): the headline's reference
         by["DCP best"] = best_dcp(best)
     for r in rows:
         for peer, tag in (("DCP async_save", "dcp"), ("DCP best", "dcp_best"),
@@ -551,7 +551,7 @@ def write_report(results: list[dict[str, Any]], out_dir: Path, total_s: float | 
         f"## Headline: {HEADLINE} against the peers",
         "",
         "Ratios below 1 favour AsymCheck for stall and overhead, above 1 for throughput. "
-        "*DCP best* is the better (lower mean iteration time) of DCP `async_save` with "
+        "*DCP best* is the better (lower median iteration time) of DCP `async_save` with "
         "`DefaultStager` (shared-memory, asynchronous staging; staging awaited in an optimizer "
         "step pre-hook) on the thread and on the process checkpointer; *DCP* its default "
         "configuration.",
