@@ -397,6 +397,35 @@ def _find(rn: dict[str, Any], method: str) -> dict[str, Any] | None:
     return next((r for r in rn["methods"] if r["method"] == method), None)
 
 
+def memory_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The host-memory target per model and frequency: the headline's peak above the
+    no-checkpoint run against the better DCP-best row's plus one copy of the state, with the
+    shared memory of each (exact: host blocks, staging) beside the whole peak (which also
+    holds the process's resident memory, and moves by tens of MB between identical runs)."""
+    lines = ["| model | every | state | " + HEADLINE + " peak over none | its shared memory "
+             "| DCP best peak over none | its shared memory | DCP best + one copy | within |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        state = res["state_bytes"]
+        for rn in res["runs"]:
+            r = _find(rn, HEADLINE)
+            peers = [p for p in rn["methods"] if p["method"] in DCP_BEST and "error" not in p]
+            if r is None or "error" in r or not peers:
+                continue
+            ref = best_dcp(peers)
+            mine, theirs = (r.get("peak_host_bytes_over_baseline"),
+                            ref.get("peak_host_bytes_over_baseline"))
+            if mine is None or theirs is None:
+                continue
+            bound = theirs + state
+            lines.append(
+                f"| {res['model']} | {rn['every']} | {state / 1e6:.0f} MB | {mine / 1e6:.0f} MB "
+                f"| {r.get('peak_shm_bytes', 0) / 1e6:.0f} MB | {theirs / 1e6:.0f} MB "
+                f"| {ref.get('peak_shm_bytes', 0) / 1e6:.0f} MB | {bound / 1e6:.0f} MB "
+                f"| {'yes' if mine <= bound else f'no, +{(mine - bound) / 1e6:.0f} MB'} |")
+    return lines
+
+
 def losses(results: list[dict[str, Any]]) -> list[str]:
     """Where the headline configuration does worse than a peer (by more than the noise
     allowance: 5% for throughput, 10% otherwise), one line per model and frequency."""
@@ -580,6 +609,15 @@ def write_report(results: list[dict[str, Any]], out_dir: Path, total_s: float | 
                 f"{_fmt(r.get('cpu_s_per_gb_background'), '.2f')} | "
                 f"{_fmt(r.get('cpu_background_ratio_to_dcp_best'), '.2f')} | "
                 f"{_fmt(r.get('minflt_per_save_background'), '.0f')} |")
+    lines += ["", "## Host memory", "",
+              f"Peak host memory above the no-checkpoint run, {HEADLINE} against the better "
+              "DCP-best row plus one copy of the state (the target), each with its peak of "
+              "shared memory: host blocks and shared-memory staging, an exact figure. The rest "
+              "of a peak is the process's resident memory, which moves by tens of MB between "
+              "two runs of the same method (the no-checkpoint row's own peak among them); "
+              "only this process's resident memory is sampled, so a process checkpointer's "
+              "child (DCP-best process) counts by its shared memory alone.", ""]
+    lines += memory_lines(results)
     if failed:
         lines += ["", "## Failed runs", ""] + [f"- {f}" for f in failed]
     lines += ["", "## Where AsymCheck (asym+S+O) does worse", "",
