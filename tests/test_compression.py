@@ -20,7 +20,7 @@ from tiers.registry import open_tier
 
 
 def _policy(tmp_path: Path, mode: str, *, full_every: int = 3, keep: int = 4,
-            second_disk: bool = False) -> Path:
+            second_disk: bool = False, capacity: int | None = None) -> Path:
     extra = textwrap.dedent(f"""
         [[tier]]
         name = "mirror"
@@ -33,6 +33,7 @@ def _policy(tmp_path: Path, mode: str, *, full_every: int = 3, keep: int = 4,
         name = "host"
         url = "shm://compression"
         keep = 1
+        {"" if capacity is None else f"capacity = {capacity}"}
         [[tier]]
         name = "disk"
         url = "file:disk"
@@ -153,22 +154,8 @@ def test_a_delta_base_is_held_in_host_memory_only_where_the_budget_has_room(
     train(-1)
     leaves = torch.utils._pytree.tree_leaves([model.state_dict(), opt_state(model, opt)])
     state = sum(t.nbytes for t in leaves if isinstance(t, torch.Tensor))
-    policy = tmp_path / "tiers.toml"
-    policy.write_text(textwrap.dedent(f"""
-        [[tier]]
-        name = "host"
-        url = "shm://base-budget"
-        keep = 1
-        capacity = {int(budget * state)}
-        [[tier]]
-        name = "disk"
-        url = "file:disk"
-        keep = 2
-        [compression]
-        mode = "always"
-        full_every = 10
-        min_bytes = 1
-    """))
+    policy = _policy(tmp_path, "always", full_every=10, keep=2,
+                     capacity=int(budget * state))
     expected = {}
     with asymcheck.Checkpointer(model, opt, policy=policy, mode="naive") as ckpt:
         for step in range(4):
