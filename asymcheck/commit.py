@@ -83,7 +83,8 @@ class Committer:
                                 keep=self.policy.staging.keep)
         self.scheduler = FlushScheduler(self.tiers, self.policy, on_done=self._flush_done,
                                         pin_base=self.stage.pin_base,
-                                        unpin_base=self.stage.unpin_base)
+                                        unpin_base=self.stage.unpin_base,
+                                        base_fits=self.stage.base_fits)
         for tier in self.tiers.values():
             await _drop_uncommitted(tier)
 

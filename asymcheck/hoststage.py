@@ -102,6 +102,18 @@ class HostStage:
         self._base_pins[step] += 1
         self.pin(step)
 
+    def base_fits(self, step: int, nbytes: int, replacing: int | None) -> bool:
+        """Whether the byte budget holds the host copy of ``step`` (a block of ``nbytes``) as
+        a delta base, in place of base ``replacing``, beside the other bases, the kept
+        checkpoints and the next save's block: a base is pinned until the next full
+        checkpoint, so one the budget cannot hold would leave the next save waiting for room
+        that never comes."""
+        cap = self.host.capacity_bytes
+        if cap is None:
+            return True
+        bases = {s for s, n in self._base_pins.items() if n > 0 and s != replacing} | {step}
+        return (self.keep + 1 + len(bases)) * nbytes <= cap
+
     async def unpin_base(self, step: int) -> None:
         self._base_pins[step] -= 1
         if self._base_pins[step] <= 0:

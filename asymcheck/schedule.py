@@ -97,6 +97,7 @@ def tensor_span(meta: TensorMeta) -> tuple[str, int]:
 class FlushScheduler:
     def __init__(self, tiers: Mapping[str, Tier], policy: Policy, on_done: DoneCallback,
                  pin_base: Callable[[int], None], unpin_base: Callable[[int], Awaitable[None]],
+                 base_fits: Callable[[int, int, int | None], bool] = lambda *_: True,
                  cost: CostModel | None = None, queue_depth: int = 2) -> None:
         self._tiers = tiers
         self._policy = policy
@@ -104,6 +105,7 @@ class FlushScheduler:
         self._host = cast(HostTier, tiers[policy.staging.name])
         self._on_done = on_done
         self._pin_base, self._unpin_base = pin_base, unpin_base  # delta bases in host memory
+        self._base_fits = base_fits  # whether the host budget holds one more base
         self.cost = cost or CostModel(min_compress_bytes=policy.compression.min_bytes)
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="asymcheck-zstd")
         self._state = {tp.name: _TierState(tp) for tp in policy.tiers[1:]}
@@ -394,31 +396,16 @@ class FlushScheduler:
         current base."""
         if self._policy.compression.mode == "off" or not full:
             return st.base
-        return man if self._deltas_could_pay(tier, man) and self._host_holds_base(tier, man) \
-            else None
-
-    def _host_holds_base(self, tier: str, man: Manifest) -> bool:
-        """Whether the host tier's byte budget holds ``man`` as a delta base beside the other
-        tiers' bases, the kept checkpoints and the block of the next save: a base is pinned
-        until the next full checkpoint, so one the budget cannot hold would leave the next
-        save waiting for room that never comes. Without room, the tier's checkpoints are
-        coded full."""
-        cap = self._host.capacity_bytes
-        if cap is None:
-            return True
-        bases = {st.base.step for name, st in self._state.items()
-                 if name != tier and st.base is not None} | {man.step}
-        copies = self._policy.staging.keep + 1 + len(bases)
+        if not self._deltas_could_pay(tier, man):
+            return None
         block = sum(f.size for f in man.files)  # the host copy's block
-        if copies * block <= cap:
-            return True
-        st = self._state[tier]
+        if self._base_fits(man.step, block, None if st.base is None else st.base.step):
+            return man
         if not st.base_refused:
             st.base_refused = True
-            log.info("tier %s: no delta base held in host memory (%d copies of %d bytes do "
-                     "not fit the host budget of %d bytes): its checkpoints are coded full",
-                     tier, copies, block, cap)
-        return False
+            log.info("tier %s: no delta base held in host memory (it does not fit the host "
+                     "budget beside the kept checkpoints): its checkpoints are coded full", tier)
+        return None
 
     async def _advance_base(self, st: _TierState, next_base: Manifest | None, *,
                             full: bool) -> None:
