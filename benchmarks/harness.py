@@ -261,14 +261,38 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _status_bytes() -> dict[str, int]:
+def _status_bytes(pid: int | str = "self") -> dict[str, int]:
     out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("RssAnon:", "RssFile:")):
-                key, value = line.split(":", 1)
-                out[key] = int(value.split()[0]) * 1024
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssFile:")):
+                    key, value = line.split(":", 1)
+                    out[key] = int(value.split()[0]) * 1024
+    except OSError:  # a child that has just exited
+        pass
     return out
+
+
+def _children(pid: int | str = "self") -> list[str]:
+    """Every live descendant process of ``pid`` (from each thread's ``children`` list)."""
+    found: list[str] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        with contextlib.suppress(OSError):
+            for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
+                found += [child, *_children(child)]
+    return found
+
+
+def _resident_bytes(children: bool = True) -> int:
+    """Anonymous + file-backed resident memory of this process and (``children``) of its
+    children, a process checkpointer's worker say; shared memory is counted apart."""
+    pids = ("self", *_children()) if children else ("self",)
+    return sum(v for pid in pids for v in _status_bytes(pid).values())
 
 
 def _system_shmem_bytes() -> int:
@@ -283,32 +307,42 @@ def _system_shmem_bytes() -> int:
 class MemorySampler:
     """Peak host memory of a run, sampled every ``interval`` seconds in a thread.
 
-    A sample is anonymous + file-backed resident memory of this process plus the shared
-    memory in use on the machine beyond what it was at the start: every shared-memory page a
-    method holds (AsymCheck's host blocks, a peer's shared-memory staging, in this process or
-    a child) counts once, mapped or not, whichever process maps it.
+    A sample is anonymous + file-backed resident memory of this process (and with
+    ``children`` of its child processes) plus the shared memory in use on the machine beyond
+    what it was at the start: every shared-memory page a method holds (AsymCheck's host
+    blocks, a peer's shared-memory staging, in this process or a child) counts once, mapped
+    or not, whichever process maps it. The baseline leaves children out, so a child that
+    outlives one run (DCP's process checkpointer keeps its worker for the life of the
+    process) counts in every run of the method it serves, not only in the one that started
+    it, and in no other method's. The resident part's own peak is kept too
+    (``peak_resident_bytes``).
     """
 
-    def __init__(self, interval: float = 0.01) -> None:
+    def __init__(self, interval: float = 0.01, *, children: bool = False) -> None:
         self.interval = interval
+        self.children = children
         self.offset = 0  # subtracted from samples: memory the harness itself holds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.available = Path("/proc/self/status").exists() and Path("/proc/meminfo").exists()
         self.baseline = self.peak = 0
         self.shm_baseline = self.peak_shm = 0
+        self.resident_baseline = self.peak_resident = 0
 
-    def sample(self) -> int:
+    def sample(self, children: bool | None = None) -> int:
         if not self.available:
             return 0
-        st = _status_bytes()
+        resident = _resident_bytes(self.children if children is None else children) - self.offset
         shm = max(_system_shmem_bytes() - self.shm_baseline, 0)
         self.peak_shm = max(self.peak_shm, shm)
-        return st.get("RssAnon", 0) + st.get("RssFile", 0) + shm - self.offset
+        self.peak_resident = max(self.peak_resident, resident)
+        return resident + shm
 
     def start(self) -> None:
         self.shm_baseline = _system_shmem_bytes() if self.available else 0
-        self.baseline = self.peak = self.sample()
+        self.peak_resident = 0
+        self.baseline = self.peak = self.sample(children=False)
+        self.resident_baseline = self.peak_resident
         self._thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
         self._thread.start()
 
@@ -322,8 +356,10 @@ class MemorySampler:
             if self._thread is not None:
                 self._thread.join()
             self.peak = max(self.peak, self.sample())
-        return {"peak_host_bytes": self.peak - self.baseline,
-                "peak_shm_bytes": self.peak_shm} if self.available else {}
+        if not self.available:
+            return {}
+        return {"peak_host_bytes": self.peak - self.baseline, "peak_shm_bytes": self.peak_shm,
+                "peak_resident_bytes": self.peak_resident - self.resident_baseline}
 
 
 def _when_done(completion: Any, callback: Callable[[], None]) -> None:
@@ -347,6 +383,7 @@ class Method:
     """One way to checkpoint. ``checkpoint`` runs on the training thread after the step."""
 
     name = "none"
+    child_processes = False  # whether its work runs in child processes (counted in memory)
 
     def setup(self, w: Workload, workdir: Path) -> None:
         self.w, self.workdir = w, workdir
@@ -703,7 +740,7 @@ def run(method: Method, make: Callable[[], Workload], *, warmup: int, iterations
     sync = torch.cuda.synchronize if w.device.startswith("cuda") else (lambda: None)
     workdir.mkdir(parents=True, exist_ok=True)
     _trim_heap()
-    memory = MemorySampler()
+    memory = MemorySampler(children=method.child_processes)
     memory.start()
     try:
         method.setup(w, workdir)

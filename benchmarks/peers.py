@@ -33,6 +33,7 @@ class DcpBest(DcpAsync):
             raise ValueError(f"kind must be 'thread' or 'process', got {kind!r}")
         self.kind = kind
         self.name = f"DCP-best {kind}"
+        self.child_processes = kind == "process"
 
     def setup(self, w: Workload, workdir: Any) -> None:
         super().setup(w, workdir)
