@@ -254,7 +254,7 @@ def shm_root() -> Path:
 
 # --------------------------------------------------------------------------- memory
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Give freed heap pages back to the OS, so the next run's baseline is not inflated."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
@@ -739,7 +739,7 @@ def run(method: Method, make: Callable[[], Workload], *, warmup: int, iterations
     w = make()
     sync = torch.cuda.synchronize if w.device.startswith("cuda") else (lambda: None)
     workdir.mkdir(parents=True, exist_ok=True)
-    _trim_heap()
+    trim_heap()
     memory = MemorySampler(children=method.child_processes)
     memory.start()
     try:
@@ -813,7 +813,7 @@ def run(method: Method, make: Callable[[], Workload], *, warmup: int, iterations
         method.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
     del w, expected
-    _trim_heap()
+    trim_heap()
     extra["wall_s"] = time.perf_counter() - t_run
     return RunResult(method.name, iteration_s, stall_s, extra, verified, durable, stored,
                      restore_s, mem, every)

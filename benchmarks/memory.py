@@ -35,11 +35,11 @@ from harness import (
     MemorySampler,
     Method,
     Workload,
-    _trim_heap,
     gpt2_workload,
     interleaved,
     machine_info,
     train_state,
+    trim_heap,
 )
 from peers import best_peers
 
@@ -78,7 +78,7 @@ def measure(method: Method, make: Callable[[], Workload], *, saves: int, gap: fl
     tensors = _tensors(train_state(w))
     workdir.mkdir(parents=True, exist_ok=True)
     method.setup(w, workdir)
-    _trim_heap()
+    trim_heap()
     memory = MemorySampler(0.005, children=method.child_processes)
     memory.start()
     t0 = time.perf_counter()
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(m, make, saves=args.saves, gap=gap,
                         workdir=base / f"{m.name.replace(' ', '_')}-{k}")
             runs.setdefault(m.name, []).append(r)
-            _trim_heap()
+            trim_heap()
         rows = [{"method": name,
                  **{key: max(r[key] for r in rs)
                     for key in ("peak_host_bytes", "peak_shm_bytes", "peak_resident_bytes")},
