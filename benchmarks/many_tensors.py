@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -77,69 +78,73 @@ def main(argv: list[str] | None = None) -> int:
         return many_tensors(args.params, args.width)
 
     base = Path(tempfile.mkdtemp(prefix="asymcheck-many-"))
-    info = machine_info(base)
-    w = make()
-    state_bytes = w.state_bytes
-    tensors = len(w.model.state_dict()) + 3 * len(list(w.model.parameters()))
-    del w
-    print(f"{args.params} parameters of {args.width} x {args.width} or {args.width} "
-          f"({tensors} tensors with AdamW, {state_bytes / 1e6:.1f} MB); a checkpoint every "
-          f"iteration; {args.rounds} x {args.iterations} timed iterations; "
-          f"{info['cpu']} x{info['cores']}", flush=True)
-    methods: list[Method] = [NoCheckpoint(), AsymCheckMethod("asymcheck", "asym"),
-                             *(DcpBest(kind.strip()) for kind in args.peers.split(","))]
-    done: dict[str, list[RunResult]] = {m.name: [] for m in methods}
-    failed: dict[str, str] = {}
-    for k, m in interleaved(methods, args.rounds):
-        if m.name in failed:
-            continue
-        try:
-            r = run(m, make, warmup=warmup, iterations=args.iterations, every=1,
-                    workdir=base / f"{m.name.replace(' ', '_')}-{k}")
-        except Exception as e:  # a peer that cannot save this state is a result too
-            failed[m.name] = f"{type(e).__name__}: {e}"
-            print(f"  round {k + 1}: {m.name:17s} FAILED: {failed[m.name]}", flush=True)
-            continue
-        done[m.name].append(r)
-        print(f"  round {k + 1}: {m.name:17s} iteration {statistics.fmean(r.iteration_s):.3f}"
-              f" s  stall median {statistics.median(r.stall_s or [0.0]) * 1e3:7.1f} ms  "
-              f"verified={r.verified}", flush=True)
-    if methods[0].name in failed or methods[1].name in failed:
-        print(f"\nfailed: {failed}")
-        return 1
-    rows: list[dict[str, Any]] = [RunResult.pooled(done[m.name]).summary() for m in methods
-                                  if m.name not in failed]
-    baseline = rows[0]
-    for r in rows[1:]:
-        add_cpu_cost(r, baseline, state_bytes)
-        r["overhead"] = r["iteration_s_mean"] / baseline["iteration_s_mean"] - 1
-    dcp = best_dcp(rows[1:])
-    print(f"\npooled; ratios to {dcp['method']}")
-    print(f"{'method':17s} {'iteration':>10s} {'overhead':>9s} {'stall med':>10s} "
-          f"{'stall/DCP':>10s} {'overhead/DCP':>13s} {'bg CPU-s/GB':>12s} {'/DCP':>6s}")
-    print(f"{'no checkpoint':17s} {baseline['iteration_s_mean'] * 1e3:8.1f}ms")
-    for r in rows[1:]:
-        r["stall_ratio_to_dcp_best"] = r["stall_s_median"] / dcp["stall_s_median"]
-        r["overhead_ratio_to_dcp_best"] = (r["overhead"] / dcp["overhead"]
-                                           if dcp["overhead"] > 0 else None)
-        r["cpu_background_ratio_to_dcp_best"] = (r["cpu_s_per_gb_background"]
-                                                 / dcp["cpu_s_per_gb_background"])
-        print(f"{r['method']:17s} {r['iteration_s_mean'] * 1e3:8.1f}ms "
-              f"{r['overhead'] * 100:8.1f}% {r['stall_s_median'] * 1e3:8.1f}ms "
-              f"{r['stall_ratio_to_dcp_best']:10.3f} "
-              f"{(r['overhead_ratio_to_dcp_best'] or float('nan')):13.3f} "
-              f"{r['cpu_s_per_gb_background']:12.2f} {r['cpu_background_ratio_to_dcp_best']:6.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for name, error in failed.items():
-        print(f"{name:17s} FAILED: {error}")
-    out.write_text(json.dumps({"machine": info, "params": args.params, "width": args.width,
-                               "tensors": tensors, "state_bytes": state_bytes,
-                               "rounds": args.rounds, "iterations": args.iterations,
-                               "dcp_reference": dcp["method"], "methods": rows,
-                               "failed": failed}, indent=2))
-    print(f"\nwrote {out}")
-    return 0
+    try:
+        info = machine_info(base)
+        w = make()
+        state_bytes = w.state_bytes
+        tensors = len(w.model.state_dict()) + 3 * len(list(w.model.parameters()))
+        del w
+        print(f"{args.params} parameters of {args.width} x {args.width} or {args.width} "
+              f"({tensors} tensors with AdamW, {state_bytes / 1e6:.1f} MB); a checkpoint every "
+              f"iteration; {args.rounds} x {args.iterations} timed iterations; "
+              f"{info['cpu']} x{info['cores']}", flush=True)
+        methods: list[Method] = [NoCheckpoint(), AsymCheckMethod("asymcheck", "asym"),
+                                 *(DcpBest(kind.strip()) for kind in args.peers.split(","))]
+        done: dict[str, list[RunResult]] = {m.name: [] for m in methods}
+        failed: dict[str, str] = {}
+        for k, m in interleaved(methods, args.rounds):
+            if m.name in failed:
+                continue
+            try:
+                r = run(m, make, warmup=warmup, iterations=args.iterations, every=1,
+                        workdir=base / f"{m.name.replace(' ', '_')}-{k}")
+            except Exception as e:  # a peer that cannot save this state is a result too
+                failed[m.name] = f"{type(e).__name__}: {e}"
+                print(f"  round {k + 1}: {m.name:17s} FAILED: {failed[m.name]}", flush=True)
+                continue
+            done[m.name].append(r)
+            print(f"  round {k + 1}: {m.name:17s} iteration {statistics.fmean(r.iteration_s):.3f}"
+                  f" s  stall median {statistics.median(r.stall_s or [0.0]) * 1e3:7.1f} ms  "
+                  f"verified={r.verified}", flush=True)
+        if methods[0].name in failed or methods[1].name in failed:
+            print(f"\nfailed: {failed}")
+            return 1
+        rows: list[dict[str, Any]] = [RunResult.pooled(done[m.name]).summary() for m in methods
+                                      if m.name not in failed]
+        baseline = rows[0]
+        for r in rows[1:]:
+            add_cpu_cost(r, baseline, state_bytes)
+            r["overhead"] = r["iteration_s_mean"] / baseline["iteration_s_mean"] - 1
+        dcp = best_dcp(rows[1:])
+        print(f"\npooled; ratios to {dcp['method']}")
+        print(f"{'method':17s} {'iteration':>10s} {'overhead':>9s} {'stall med':>10s} "
+              f"{'stall/DCP':>10s} {'overhead/DCP':>13s} {'bg CPU-s/GB':>12s} {'/DCP':>6s}")
+        print(f"{'no checkpoint':17s} {baseline['iteration_s_mean'] * 1e3:8.1f}ms")
+        for r in rows[1:]:
+            r["stall_ratio_to_dcp_best"] = r["stall_s_median"] / dcp["stall_s_median"]
+            r["overhead_ratio_to_dcp_best"] = (r["overhead"] / dcp["overhead"]
+                                               if dcp["overhead"] > 0 else None)
+            r["cpu_background_ratio_to_dcp_best"] = (r["cpu_s_per_gb_background"]
+                                                     / dcp["cpu_s_per_gb_background"])
+            print(f"{r['method']:17s} {r['iteration_s_mean'] * 1e3:8.1f}ms "
+                  f"{r['overhead'] * 100:8.1f}% {r['stall_s_median'] * 1e3:8.1f}ms "
+                  f"{r['stall_ratio_to_dcp_best']:10.3f} "
+                  f"{(r['overhead_ratio_to_dcp_best'] or float('nan')):13.3f} "
+                  f"{r['cpu_s_per_gb_background']:12.2f} "
+                  f"{r['cpu_background_ratio_to_dcp_best']:6.2f}")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for name, error in failed.items():
+            print(f"{name:17s} FAILED: {error}")
+        out.write_text(json.dumps({"machine": info, "params": args.params, "width": args.width,
+                                   "tensors": tensors, "state_bytes": state_bytes,
+                                   "rounds": args.rounds, "iterations": args.iterations,
+                                   "dcp_reference": dcp["method"], "methods": rows,
+                                   "failed": failed}, indent=2))
+        print(f"\nwrote {out}")
+        return 0
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -96,6 +97,7 @@ def measure(method: Method, make: Callable[[], Workload], *, saves: int, gap: fl
     finally:
         memory.stop()
         method.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
     return {"method": method.name, "wall_s": wall, **peak}
 
 
@@ -128,41 +130,44 @@ def main(argv: list[str] | None = None) -> int:
         return gpt2_workload(layers=args.layers, width=args.width, vocab=args.vocab)
 
     base = Path(tempfile.mkdtemp(prefix="asymcheck-memory-"))
-    info = machine_info(base)
-    state_bytes = make().state_bytes
-    print(f"GPT-2 {args.layers}x{args.width}, vocab {args.vocab}: {state_bytes / 1e6:.0f} MB "
-          f"of state; {args.saves} saves per run; {info['cpu']} x{info['cores']}")
-    out: dict[str, Any] = {"machine": info, "state_bytes": state_bytes, "saves": args.saves,
-                           "rounds": args.rounds, "gaps": []}
-    for gap in gaps:
-        runs: dict[str, list[dict[str, Any]]] = {}
-        for k, m in interleaved(methods(), args.rounds):
-            r = measure(m, make, saves=args.saves, gap=gap,
-                        workdir=base / f"{m.name.replace(' ', '_')}-{k}")
-            runs.setdefault(m.name, []).append(r)
-            trim_heap()
-        rows = [{"method": name,
-                 **{key: max(r[key] for r in rs)
-                    for key in ("peak_host_bytes", "peak_shm_bytes", "peak_resident_bytes")},
-                 "by_round": rs} for name, rs in runs.items()]
-        ref = min((r for r in rows if r["method"] in DCP_BEST),
-                  key=lambda r: r["peak_host_bytes"])
-        bound = ref["peak_host_bytes"] + state_bytes
-        print(f"\nsaves {gap:g} s apart; the bound: {ref['method']} + one copy = "
-              f"{bound / 1e6:.1f} MB")
-        print(f"{'method':18s} {'peak':>9s} {'shared':>9s} {'resident':>9s} {'to bound':>9s}")
-        for r in rows:
-            r["to_bound_bytes"] = r["peak_host_bytes"] - bound
-            print(f"{r['method']:18s} {r['peak_host_bytes'] / 1e6:7.1f}MB "
-                  f"{r['peak_shm_bytes'] / 1e6:7.1f}MB {r['peak_resident_bytes'] / 1e6:7.1f}MB "
-                  f"{r['to_bound_bytes'] / 1e6:+8.1f}MB", flush=True)
-        out["gaps"].append({"gap_s": gap, "reference": ref["method"], "bound_bytes": bound,
-                            "methods": rows})
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    print(f"\nwrote {path}")
-    return 0
+    try:
+        info = machine_info(base)
+        state_bytes = make().state_bytes
+        print(f"GPT-2 {args.layers}x{args.width}, vocab {args.vocab}: {state_bytes / 1e6:.0f} MB "
+              f"of state; {args.saves} saves per run; {info['cpu']} x{info['cores']}")
+        out: dict[str, Any] = {"machine": info, "state_bytes": state_bytes, "saves": args.saves,
+                               "rounds": args.rounds, "gaps": []}
+        for gap in gaps:
+            runs: dict[str, list[dict[str, Any]]] = {}
+            for k, m in interleaved(methods(), args.rounds):
+                r = measure(m, make, saves=args.saves, gap=gap,
+                            workdir=base / f"{m.name.replace(' ', '_')}-{k}")
+                runs.setdefault(m.name, []).append(r)
+                trim_heap()
+            rows = [{"method": name,
+                     **{key: max(r[key] for r in rs)
+                        for key in ("peak_host_bytes", "peak_shm_bytes", "peak_resident_bytes")},
+                     "by_round": rs} for name, rs in runs.items()]
+            ref = min((r for r in rows if r["method"] in DCP_BEST),
+                      key=lambda r: r["peak_host_bytes"])
+            bound = ref["peak_host_bytes"] + state_bytes
+            print(f"\nsaves {gap:g} s apart; the bound: {ref['method']} + one copy = "
+                  f"{bound / 1e6:.1f} MB")
+            print(f"{'method':18s} {'peak':>9s} {'shared':>9s} {'resident':>9s} {'to bound':>9s}")
+            for r in rows:
+                r["to_bound_bytes"] = r["peak_host_bytes"] - bound
+                print(f"{r['method']:18s} {r['peak_host_bytes'] / 1e6:7.1f}MB "
+                      f"{r['peak_shm_bytes'] / 1e6:7.1f}MB {r['peak_resident_bytes'] / 1e6:7.1f}MB "
+                      f"{r['to_bound_bytes'] / 1e6:+8.1f}MB", flush=True)
+            out["gaps"].append({"gap_s": gap, "reference": ref["method"], "bound_bytes": bound,
+                                "methods": rows})
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2))
+        print(f"\nwrote {path}")
+        return 0
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

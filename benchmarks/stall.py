@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                              AsymCheckMethod("asymcheck naive", "naive", local=local),
                              *best_peers(), DcpAsync(), TorchSave()]
     rows = []
-    for m in methods:
+    for m in methods:  # each run removes its own workdir
         r = run(m, make, warmup=warmup, iterations=args.iterations, every=args.every,
                 workdir=base / m.name.replace(" ", "_"))
         rows.append(r.summary())
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"machine": info, "state_bytes": state_bytes, "every": args.every,
                                "iterations": args.iterations, "dcp_reference": dcp["method"],
                                "methods": rows}, indent=2))
+    if args.workdir is None:
+        shutil.rmtree(base, ignore_errors=True)
     print(f"\nwrote {out}")
     return 0
 
