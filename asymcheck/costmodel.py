@@ -41,11 +41,14 @@ class LinearFit:
         var_x = sum((x - mean_x) ** 2 for x in xs)
         if n >= 3 and var_x > 0 and max(xs) > 4 * max(min(xs), 1.0):
             slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var_x
-            if slope > 0:
+            intercept = mean_y - slope * mean_x
+            if slope > 0 and intercept > 0:
                 self.throughput_bps = 1.0 / slope
-                self.latency_s = max(mean_y - slope * mean_x, 0.0)
+                self.latency_s = intercept
                 return
-        # sizes too alike to separate the terms: keep the latency, refit the bandwidth
+        # sizes too alike, or noise in the large writes swamping the small ones' latency (a
+        # fit with no positive intercept, which would drive B* to its minimum and keep it
+        # there): keep the latency, refit the bandwidth
         busy = sum(ys) - n * self.latency_s
         if busy > 0 and sum(xs) > 0:
             self.throughput_bps = sum(xs) / busy

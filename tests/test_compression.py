@@ -316,6 +316,26 @@ def test_linear_fit_recovers_latency_and_throughput() -> None:
     assert fit.throughput_bps == pytest.approx(400e6, rel=1e-6)
 
 
+def test_linear_fit_keeps_its_latency_when_noise_hides_it() -> None:
+    """Large writes whose jitter exceeds the per-file latency fit a negative intercept; the
+    fit keeps its latency instead of dropping to 0, which would shrink B* to its minimum."""
+    cost = CostModel(min_batch_bytes=4 << 20)
+    fit = cost.tier("disk")
+    fit.latency_s, fit.throughput_bps = 0.005, 300e6
+    before = cost.batch_bytes("disk", 1 << 30)
+    samples = [(256 << 10, 0.0002), (48 << 20, 0.050), (48 << 20, 0.058), (40 << 20, 0.044)]
+    xs, ys = [n for n, _ in samples], [t for _, t in samples]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in samples) / sum((x - mx) ** 2 for x in xs)
+    assert my - slope * mx < 0  # the least-squares intercept of these samples
+    for n, t in samples:
+        fit.add(n, t)
+    assert fit.latency_s == 0.005
+    assert fit.throughput_bps == pytest.approx(sum(xs) / (sum(ys) - 4 * 0.005))
+    assert cost.batch_bytes("disk", 1 << 30) > cost.min_batch_bytes
+    assert cost.batch_bytes("disk", 1 << 30) != before  # the bandwidth was refitted
+
+
 def test_batch_size_follows_the_fit() -> None:
     cost = CostModel(min_batch_bytes=1 << 20, max_batch_bytes=1 << 30)
     fit = cost.tier("disk")
