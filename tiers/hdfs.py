@@ -37,7 +37,12 @@ thread, which holds the GIL while it locks the connection's table of pending cal
 NameNode connection fails, the client's reader thread holds that lock while it wakes every
 pending Python awaiter, which needs the GIL. Two calls in flight, one starting while the
 other fails, froze the whole process. With one call at a time, the reader never has a Python
-awaiter to wake while a new call waits for the table.
+awaiter to wake while a new call waits for the table, but it still holds the lock for a
+moment after the failed call's awaiter has resumed: its wake releases the GIL halfway (the
+event loop's self-pipe write) and takes it again before it unlocks. A new call started in
+that moment (the delete of a failed put's temporary file, at once) froze the process too. So
+the gate stays closed ``FAILED_CALL_GRACE_S`` (0.1 s) after a call that failed, the GIL free,
+long enough for the reader to let go; calls that succeed release it at once.
 
 Options (keyword arguments, e.g. from the tier policy file): ``timeout_s`` (default 60),
 ``config`` (``dict[str, str]`` of Hadoop client settings, merged over the defaults below),
@@ -129,12 +134,22 @@ def _shared(fs_url: str, config: Mapping[str, str]) -> tuple[AsyncClient, _Gate]
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError)
 
 
+#: how long a client's gate stays closed after a call failed (see the module docstring)
+FAILED_CALL_GRACE_S = 0.1
+
+
 async def _gated(aw: Awaitable[T], gate: _Gate | None) -> T:
     if gate is None:
         return await aw
     try:
         async with gate:
-            return await aw
+            try:
+                return await aw
+            except _PASS_THROUGH:
+                raise
+            except BaseException:
+                await asyncio.sleep(FAILED_CALL_GRACE_S)  # the reader may still be waking it
+                raise
     finally:
         if inspect.iscoroutine(aw) and inspect.getcoroutinestate(aw) == inspect.CORO_CREATED:
             aw.close()  # timed out or cancelled waiting for the gate

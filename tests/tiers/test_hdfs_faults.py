@@ -21,7 +21,7 @@ pytest.importorskip("hdfs_native")
 from hdfs_native import AsyncClient
 
 from tiers.base import KeyNotFound, TierError
-from tiers.hdfs import HdfsTier, _Gate, _shared
+from tiers.hdfs import FAILED_CALL_GRACE_S, HdfsTier, _Gate, _gated, _shared
 
 TIMEOUT_S = 5.0
 MARGIN_S = 3.0
@@ -111,6 +111,48 @@ async def test_a_call_cancelled_while_waiting_for_the_gate_does_not_hold_it() ->
             await waiter
     await asyncio.wait_for(gate.__aenter__(), 1.0)  # free again
     await gate.__aexit__()
+
+
+async def test_the_gate_stays_closed_for_a_grace_period_after_a_failed_call() -> None:
+    """A call that failed keeps the gate FAILED_CALL_GRACE_S, the GIL free, so the client's
+    reader thread can finish waking it before the next call locks the pending-call table."""
+    gate = _Gate()
+    raised = asyncio.Event()
+
+    async def failing() -> None:
+        raised.set()
+        raise ConnectionResetError("the NameNode went away")
+
+    async def fine() -> int:
+        return 7
+
+    call = asyncio.ensure_future(_gated(failing(), gate))
+    await raised.wait()
+    await asyncio.sleep(0)
+    assert gate._lock.locked()  # the failure reached _gated; the gate is still closed
+    next_call = asyncio.ensure_future(_gated(fine(), gate))
+    await asyncio.sleep(FAILED_CALL_GRACE_S / 4)
+    assert not next_call.done()
+    with pytest.raises(ConnectionResetError):
+        await call
+    assert await next_call == 7
+    assert not gate._lock.locked()  # a call that succeeds releases the gate at once
+
+
+async def test_a_cancelled_call_releases_the_gate_at_once() -> None:
+    gate = _Gate()
+    started = asyncio.Event()
+
+    async def hangs() -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    call = asyncio.ensure_future(_gated(hangs(), gate))
+    await started.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert not gate._lock.locked()
 
 
 # ------------------------------------------------------------------ against the cluster
