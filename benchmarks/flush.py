@@ -5,15 +5,17 @@ Side by side in one process run, on the same disk:
   raw+sync the same loop with an fsync every 128 MiB, a stronger reference where one final
            fsync lets the page cache fill until writers are throttled;
   shapes   (a) 8 large tensors, (b) 20,000 tensors of 4-64 KiB;
-  flush    the local tier's flush of each state, batched (B* from the cost model) and
-           unbatched (one file per tensor), timed from the host commit to durable.
-The four kinds of writes alternate for --rounds rounds (the order rotates), since this kind
+  flush    the local tier's flush of each state, batched (B* from the cost model),
+           unbatched (one file per tensor) and, with --batch-sizes, in batches of fixed
+           sizes, timed from the host commit to durable.
+The kinds of writes alternate for --rounds rounds (the order rotates), since this kind
 of disk's bandwidth drifts from minute to minute; the fraction of raw is the median over
 rounds of flush / raw measured in the same round (and likewise for raw+sync). Writes
 benchmarks/results/flush.json.
 
     python benchmarks/flush.py                # 1 GiB of state
     python benchmarks/flush.py --size 64MiB   # a quick run
+    python benchmarks/flush.py --batch-sizes 4MiB,16MiB,64MiB   # B* beside fixed sizes
 """
 
 from __future__ import annotations
@@ -131,11 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="1GiB", help="bytes of state per shape")
     p.add_argument("--rounds", type=int, default=5,
-                   help="rounds of the four kinds of writes per shape (order rotates)")
+                   help="rounds of the kinds of writes per shape (order rotates)")
     p.add_argument("--dir", default=None, help="a directory on the disk to measure")
+    p.add_argument("--batch-sizes", default="",
+                   help="fixed batch sizes flushed beside B*, comma-separated (e.g. "
+                        "4MiB,64MiB): rows that show how well B* picks")
     p.add_argument("--out", default=str(RESULTS / "flush.json"))
     args = p.parse_args(argv)
-    total = parse_size(args.size)
+    try:
+        total = parse_size(args.size)
+        fixed = [size.strip() for size in args.batch_sizes.split(",") if size.strip()]
+        for size in fixed:
+            if parse_size(size) <= 0:
+                raise ValueError(f"a batch size must be positive, got {size!r}")
+    except ValueError as e:
+        p.error(str(e))
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     base = Path(args.dir or tempfile.mkdtemp(prefix="asymcheck-flush-", dir=".")).absolute()
     base.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -143,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, state in shapes(total).items():
             nbytes = sum(t.nbytes for t in state.values())
             flushers = {"batched": Flusher(base, state, "auto"),
-                        "unbatched": Flusher(base, state, "off")}
-            gbps: dict[str, list[float]] = {"raw": [], "raw+sync": [], "batched": [],
-                                             "unbatched": []}
+                        "unbatched": Flusher(base, state, "off"),
+                        **{f"batch {size}": Flusher(base, state, size) for size in fixed}}
+            gbps: dict[str, list[float]] = {"raw": [], "raw+sync": [],
+                                             **{kind: [] for kind in flushers}}
             try:
                 kinds = list(gbps)
                 for rnd in range(args.rounds):
@@ -159,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                             gbps[kind].append(nbytes / flushers[kind].flush() / 1e9)
             finally:
                 info = {kind: f.close() for kind, f in flushers.items()}
-            for kind in ("batched", "unbatched"):
+            for kind in flushers:
                 fractions = [f / raw for f, raw in zip(gbps[kind], gbps["raw"], strict=True)]
                 synced = [f / raw for f, raw in zip(gbps[kind], gbps["raw+sync"], strict=True)]
                 r = {"shape": name, "batching": kind, "bytes": nbytes,
@@ -174,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "fraction_of_raw_sync": synced},
                      **info[kind]}
                 rows.append(r)
-                print(f"{name:18s} {kind:9s} {nbytes / 2**20:5.0f} MiB  "
+                print(f"{name:18s} {kind:14s} {nbytes / 2**20:5.0f} MiB  "
                       f"raw {r['raw_gbps']:5.2f} GB/s  flush {r['gbps']:5.2f} GB/s  "
                       f"= {r['fraction_of_raw']:.2f} of raw "
                       f"(rounds: {', '.join(f'{x:.2f}' for x in fractions)}); "
