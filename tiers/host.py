@@ -511,12 +511,14 @@ class HostTier(Tier):
             block._release_view()
             old = self._sizes.get(block.key, 0)
             self._sizes[block.key] = block.nbytes
+            # reservation out before committed bytes in: a reader on another thread may see
+            # the block in neither count for a moment, never in both
+            self._release(block.nbytes)
             self._committed += block.nbytes - old
             self._drop_mapping(block.key)
             if block._mapping is not None:
                 self._maps[block.key] = block._mapping
             self._epoch += 1
-            self._release(block.nbytes)
 
     def _rename_into_place(self, tmp: Path, key: str) -> None:
         makedirs_durable(self._dir, key.rpartition("/")[0], fsync=False)

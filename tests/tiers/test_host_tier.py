@@ -122,6 +122,26 @@ async def test_reserve_of_zero_bytes_commits_an_empty_key() -> None:
     await tier.destroy()
 
 
+async def test_a_committing_block_is_never_counted_twice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``used_bytes`` read at any point of a commit (as a thread sampling it may) holds the
+    block once at most: its reservation goes before its committed bytes come."""
+    tier = HostTier("shm://accounting")
+    seen: list[int] = []
+    for name in ("_release", "_drop_mapping"):  # the steps around the committed count
+        step = getattr(tier, name)
+
+        def spy(*args: Any, _step: Any = step) -> Any:
+            seen.append(tier.used_bytes)
+            return _step(*args)
+        monkeypatch.setattr(tier, name, spy)
+    block = await tier.reserve("k", 4096)
+    await block.commit()
+    assert len(seen) >= 2 and max(seen) <= 4096
+    assert tier.used_bytes == tier.committed_bytes == 4096
+    await tier.destroy()
+
+
 async def test_block_view_is_released_at_commit_and_aborted_block_cannot_commit() -> None:
     tier = HostTier("shm://blocks")
     block = await tier.reserve("a", 4)
