@@ -28,6 +28,7 @@ import platform
 import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -218,6 +219,24 @@ def write_report_section(path: Path, heading: str, section: str) -> None:
         end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
     path.write_text(text if text.endswith("\n") else text + "\n")
+
+
+@contextlib.contextmanager
+def work_dir(prefix: str, given: str | os.PathLike[str] | None = None,
+             parent: str | None = None) -> Iterator[Path]:
+    """The directory a benchmark writes into: ``given`` (made if missing, left in place
+    afterwards), else a new temporary one (under ``parent``, default the system's) that is
+    removed at exit, whatever happened."""
+    if given is not None:
+        path = Path(given).absolute()
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent)).absolute()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def tree_bytes(path: Path) -> int:

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from harness import (
     interleaved,
     machine_info,
     run,
+    work_dir,
 )
 from peers import DcpBest
 
@@ -77,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     def make() -> Workload:
         return many_tensors(args.params, args.width)
 
-    base = Path(tempfile.mkdtemp(prefix="asymcheck-many-"))
-    try:
+    with work_dir("asymcheck-many-") as base:
         info = machine_info(base)
         w = make()
         state_bytes = w.state_bytes
@@ -142,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "dcp_reference": dcp["method"], "methods": rows,
                                    "failed": failed}, indent=2))
         print(f"\nwrote {out}")
-        return 0
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":

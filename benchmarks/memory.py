@@ -21,7 +21,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +40,7 @@ from harness import (
     machine_info,
     train_state,
     trim_heap,
+    work_dir,
 )
 from peers import best_peers
 
@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     def make() -> Workload:
         return gpt2_workload(layers=args.layers, width=args.width, vocab=args.vocab)
 
-    base = Path(tempfile.mkdtemp(prefix="asymcheck-memory-"))
-    try:
+    with work_dir("asymcheck-memory-") as base:
         info = machine_info(base)
         state_bytes = make().state_bytes
         print(f"GPT-2 {args.layers}x{args.width}, vocab {args.vocab}: {state_bytes / 1e6:.0f} MB "
@@ -165,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2))
         print(f"\nwrote {path}")
-        return 0
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":

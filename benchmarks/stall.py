@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,6 +29,7 @@ from harness import (
     gpt2_workload,
     machine_info,
     run,
+    work_dir,
 )
 from peers import best_peers
 
@@ -62,26 +61,27 @@ def main(argv: list[str] | None = None) -> int:
         return gpt2_workload(layers=args.layers, width=args.width, vocab=args.vocab,
                              batch=args.batch, device=args.device)
 
-    base = Path(args.workdir or tempfile.mkdtemp(prefix="asymcheck-stall-"))
-    info = machine_info(base)
-    state_bytes = make().state_bytes
-    print(f"GPT-2 {args.layers}x{args.width}, vocab {args.vocab}: {state_bytes / 1e6:.0f} MB "
-          f"of state; checkpoint every {args.every}; {args.iterations} timed iterations; "
-          f"disk {info['disk_write_gbps']:.2f} GB/s; {info['cpu']} x{info['cores']}; "
-          f"device {args.device}{' ' + str(info['cuda']) if info.get('cuda') else ''}")
-    local = {"every": args.local_every} if args.local_every != 1 else {}
-    methods: list[Method] = [NoCheckpoint(), AsymCheckMethod("asymcheck asym", "asym", local=local),
-                             AsymCheckMethod("asymcheck naive", "naive", local=local),
-                             *best_peers(), DcpAsync(), TorchSave()]
-    rows = []
-    for m in methods:  # each run removes its own workdir
-        r = run(m, make, warmup=warmup, iterations=args.iterations, every=args.every,
-                workdir=base / m.name.replace(" ", "_"))
-        rows.append(r.summary())
-        row = rows[-1]
-        print(f"  {m.name:18s} iteration {row['iteration_s_median']:.3f} s  stall median "
-              f"{row['stall_s_median'] * 1e3:8.1f} ms  p90 {row['stall_s_p90'] * 1e3:8.1f} ms  "
-              f"verified={row['verified_bit_exact']}", flush=True)
+    with work_dir("asymcheck-stall-", args.workdir) as base:
+        info = machine_info(base)
+        state_bytes = make().state_bytes
+        print(f"GPT-2 {args.layers}x{args.width}, vocab {args.vocab}: {state_bytes / 1e6:.0f} MB "
+              f"of state; checkpoint every {args.every}; {args.iterations} timed iterations; "
+              f"disk {info['disk_write_gbps']:.2f} GB/s; {info['cpu']} x{info['cores']}; "
+              f"device {args.device}{' ' + str(info['cuda']) if info.get('cuda') else ''}")
+        local = {"every": args.local_every} if args.local_every != 1 else {}
+        methods: list[Method] = [
+            NoCheckpoint(), AsymCheckMethod("asymcheck asym", "asym", local=local),
+            AsymCheckMethod("asymcheck naive", "naive", local=local),
+            *best_peers(), DcpAsync(), TorchSave()]
+        rows = []
+        for m in methods:
+            r = run(m, make, warmup=warmup, iterations=args.iterations, every=args.every,
+                    workdir=base / m.name.replace(" ", "_"))
+            rows.append(r.summary())
+            row = rows[-1]
+            print(f"  {m.name:18s} iteration {row['iteration_s_median']:.3f} s  stall median "
+                  f"{row['stall_s_median'] * 1e3:8.1f} ms  p90 {row['stall_s_p90'] * 1e3:8.1f} ms  "
+                  f"verified={row['verified_bit_exact']}", flush=True)
     baseline = rows[0]
     for r in rows[1:]:
         add_cpu_cost(r, baseline, state_bytes)
@@ -107,8 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"machine": info, "state_bytes": state_bytes, "every": args.every,
                                "iterations": args.iterations, "dcp_reference": dcp["method"],
                                "methods": rows}, indent=2))
-    if args.workdir is None:
-        shutil.rmtree(base, ignore_errors=True)
     print(f"\nwrote {out}")
     return 0
 
