@@ -26,7 +26,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -35,6 +34,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import work_dir
 
 import asymcheck
 from asymcheck.policy import parse_size
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="1GiB", help="bytes of state per shape")
     p.add_argument("--rounds", type=int, default=5,
                    help="rounds of the kinds of writes per shape (order rotates)")
-    p.add_argument("--dir", default=None, help="a directory on the disk to measure")
+    p.add_argument("--dir", default=None,
+                   help="a directory on the disk to measure (kept; default: a temporary one)")
     p.add_argument("--batch-sizes", default="",
                    help="fixed batch sizes flushed beside B*, comma-separated (e.g. "
                         "4MiB,64MiB): rows that show how well B* picks")
@@ -150,10 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
-    base = Path(args.dir or tempfile.mkdtemp(prefix="asymcheck-flush-", dir=".")).absolute()
-    base.mkdir(parents=True, exist_ok=True)
     rows = []
-    try:
+    with work_dir("asymcheck-flush-", args.dir, parent=".") as base:
         for name, state in shapes(total).items():
             nbytes = sum(t.nbytes for t in state.values())
             flushers = {"batched": Flusher(base, state, "auto"),
@@ -197,8 +198,6 @@ def main(argv: list[str] | None = None) -> int:
                       f"({r['raw_sync_gbps']:.2f} GB/s; rounds: "
                       f"{', '.join(f'{x:.2f}' for x in synced)})  "
                       f"{r['files']} files, B* {r['batch_bytes']}", flush=True)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"size": total, "rounds": args.rounds, "rows": rows}, indent=2,
