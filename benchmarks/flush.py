@@ -143,14 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                         "4MiB,64MiB): rows that show how well B* picks")
     p.add_argument("--out", default=str(RESULTS / "flush.json"))
     args = p.parse_args(argv)
-    try:
-        total = parse_size(args.size)
-        fixed = [size.strip() for size in args.batch_sizes.split(",") if size.strip()]
-        for size in fixed:
-            if parse_size(size) <= 0:
-                raise ValueError(f"a batch size must be positive, got {size!r}")
-    except ValueError as e:
-        p.error(str(e))
+    fixed = [size.strip() for size in args.batch_sizes.split(",") if size.strip()]
+    for option, value in [("--size", args.size), *(("--batch-sizes", size) for size in fixed)]:
+        try:
+            parse_size(value)  # positive, with a unit
+        except ValueError as e:
+            p.error(f"{option}: {e}")
+    total = parse_size(args.size)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     rows = []
