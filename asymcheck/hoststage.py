@@ -137,10 +137,11 @@ class HostStage:
 
     async def claim(self, key: str, nbytes: int,
                     metrics: dict[str, Any] | None = None) -> HostBlock:
-        """A block for a save of ``nbytes`` when no spare was ready: once a flush that holds a
-        copy retention would free is done (:meth:`_await_flushed`), the reservation of one
-        still in flight (a second block beside it would hold one more copy of the state in
-        shared memory until it is given back), else a new one."""
+        """A block for a save of ``nbytes`` when no spare was ready as it asked: once a flush
+        that holds a copy retention would free is done (:meth:`_await_flushed`), the spare
+        reserved since, or the reservation of one still in flight (a second block beside it
+        would hold one more copy of the state in shared memory until it is given back), else
+        a new one."""
         await self._await_flushed(nbytes, metrics)
         cap = self.host.capacity_bytes
         with self._spare_lock:
@@ -152,9 +153,9 @@ class HostStage:
                 self._spare_wanted = None  # one still in flight is given back when done
         if in_flight:
             await asyncio.gather(*self._spare_tasks, return_exceptions=True)
-            block = self.take_spare(nbytes)
-            if block is not None:
-                return block
+        block = self.take_spare(nbytes)  # reserved in flight, or since the save asked
+        if block is not None:
+            return block
         return await self.reserve(key, nbytes)
 
     async def _await_flushed(self, nbytes: int, metrics: dict[str, Any] | None) -> None:
