@@ -17,32 +17,29 @@ URL and the key, in bounded time:
   ran out of time deletes its temporary file in the background, not before it raises;
 * the deadline is ``asyncio.timeout`` in the calling task, not ``asyncio.wait_for``, which
   on Python <= 3.11 can lose a cancellation of the caller when the inner call completes at
-  the same moment (a cancelled put would then carry on and commit);
+  the same moment (a cancelled put would then carry on with its next call);
 * the client's own NameNode retry loop is off by default
-  (``dfs.client.failover.max.attempts=0``): in hdfs-native 0.14 the async client's retry path
-  panics (``pyo3_runtime.PanicException``, a ``BaseException``) when a NameNode is unreachable;
+  (``dfs.client.failover.max.attempts=0``): in hdfs-native 0.14 its retry path panics
+  (``pyo3_runtime.PanicException``, a ``BaseException``) when a NameNode is unreachable;
   with no retries it raises ``ConnectionRefusedError`` at once;
 * a ``PanicException`` is recognised by its type name and module and wrapped; it never hides
   ``KeyboardInterrupt``, ``SystemExit`` or ``asyncio.CancelledError``.
 
-Clients are shared per (URL authority, config) and live as long as the process: dropping an
-``AsyncClient`` shuts its private tokio runtime down while holding the GIL, and if one of its
-tasks is still about to wake a Python coroutine (after a panic or a cancelled call) the two
-threads deadlock (seen with hdfs-native 0.14.7). ``close()`` therefore releases only the tier.
+Client calls run in a pool of worker threads of this module, through hdfs-native's
+synchronous ``Client``, which releases the GIL while it waits; each call's deadline is
+``asyncio.timeout`` around the thread's future. A call that ran out of time cannot be
+stopped: its thread ends on the client's own socket timeout (``dfs.client.socket-timeout``,
+set to ``timeout_s``); a call cancelled before a thread took it never runs. So a put that ran
+out of time or was cancelled while its rename was under way may still commit (the whole value,
+never a torn one). The ``AsyncClient`` is not used: in hdfs-native 0.14.7 its reader thread
+holds a connection's table of pending calls while it wakes a Python awaiter, which needs the
+GIL, and a call started meanwhile on the event loop's thread holds the GIL while it waits for
+that table; when the NameNode connection failed, the whole process froze. The synchronous
+client wakes no Python code from its reader.
 
-Each shared client awaits one NameNode call at a time, whatever the thread or event loop (a
-gate, taken inside the call's ``timeout_s``); reads of an open file go to DataNodes and run
-side by side. In hdfs-native 0.14.7 a call is started on the calling
-thread, which holds the GIL while it locks the connection's table of pending calls; when the
-NameNode connection fails, the client's reader thread holds that lock while it wakes every
-pending Python awaiter, which needs the GIL. Two calls in flight, one starting while the
-other fails, froze the whole process. With one call at a time, the reader never has a Python
-awaiter to wake while a new call waits for the table, but it still holds the lock for a
-moment after the failed call's awaiter has resumed: its wake releases the GIL halfway (the
-event loop's self-pipe write) and takes it again before it unlocks. A new call started in
-that moment (the delete of a failed put's temporary file, at once) froze the process too. So
-the gate stays closed ``FAILED_CALL_GRACE_S`` (0.1 s) after a call that failed, the GIL free,
-long enough for the reader to let go; calls that succeed release it at once.
+Clients are shared per (URL authority, config) and live as long as the process (dropping one
+shuts its runtime down); ``close()`` releases only the tier. Worker threads are never shut
+down either, so a call stuck on a hung cluster never holds up ``asyncio.run``'s shutdown.
 
 Options (keyword arguments, e.g. from the tier policy file): ``timeout_s`` (default 60),
 ``config`` (``dict[str, str]`` of Hadoop client settings, merged over the defaults below),
@@ -53,14 +50,15 @@ client), ``replication`` and ``block_size`` for new files.
 from __future__ import annotations
 
 import asyncio
-import inspect
+import concurrent.futures
+import io
 import os
 import posixpath
 import secrets
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
@@ -80,7 +78,7 @@ from tiers.base import (
 )
 
 try:
-    from hdfs_native import AsyncClient, FileStatus, WriteOptions
+    from hdfs_native import Client, FileStatus, WriteOptions
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "the hdfs:// tier needs the 'hdfs-native' package: pip install 'asymcheck[hdfs]'"
@@ -93,79 +91,58 @@ T = TypeVar("T")
 #: Hadoop client settings applied unless ``config`` overrides them.
 DEFAULT_CONFIG: dict[str, str] = {
     # No client-side NameNode retries: fail fast and let the caller (or a later put) retry.
-    # With retries, hdfs-native's async client panics on an unreachable NameNode.
+    # With retries, hdfs-native's client panics on an unreachable NameNode.
     "dfs.client.failover.max.attempts": "0",
     "dfs.client.failover.sleep.base.millis": "100",
     "dfs.client.failover.sleep.max.millis": "1000",
 }
 
-class _Gate:
-    """A lock for coroutines of any thread or event loop: ``async with gate`` polls a
-    ``threading.Lock`` (a cancelled waiter never holds it)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-
-    async def __aenter__(self) -> None:
-        delay = 0.0002
-        while not self._lock.acquire(blocking=False):
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.005)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
-
-
-_CLIENTS: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[AsyncClient, _Gate]] = {}
+_CLIENTS: dict[tuple[str, tuple[tuple[str, str], ...]], Client] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
-def _shared(fs_url: str, config: Mapping[str, str]) -> tuple[AsyncClient, _Gate]:
-    """One client (and its gate) per (authority, config) for the whole process; never
-    dropped (see above)."""
+def _shared(fs_url: str, config: Mapping[str, str]) -> Client:
+    """One client per (authority, config) for the whole process; never dropped."""
     key = (fs_url, tuple(sorted(config.items())))
     with _CLIENTS_LOCK:
-        shared = _CLIENTS.get(key)
-        if shared is None:
-            shared = _CLIENTS[key] = (AsyncClient(fs_url, dict(config)), _Gate())
-        return shared
+        client = _CLIENTS.get(key)
+        if client is None:
+            client = _CLIENTS[key] = Client(fs_url, dict(config))
+        return client
+
+
+_POOL_LOCK = threading.Lock()
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_THREADS = 16
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The worker threads of every HdfsTier (made on first use, never shut down)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = concurrent.futures.ThreadPoolExecutor(
+                _POOL_THREADS, thread_name_prefix="asymcheck-hdfs")
+        return _POOL
+
+
+def _in_thread(fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+    """``fn(*args)`` on a worker thread; cancelling the awaitable before a thread took the
+    call means it never runs."""
+    return asyncio.wrap_future(_pool().submit(fn, *args))
 
 
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError)
 
 
-#: how long a client's gate stays closed after a call failed (see the module docstring)
-FAILED_CALL_GRACE_S = 0.1
-
-
-async def _gated(aw: Awaitable[T], gate: _Gate | None) -> T:
-    if gate is None:
-        return await aw
-    try:
-        async with gate:
-            try:
-                return await aw
-            except _PASS_THROUGH:
-                raise
-            except BaseException:
-                await asyncio.sleep(FAILED_CALL_GRACE_S)  # the reader may still be waking it
-                raise
-    finally:
-        if inspect.iscoroutine(aw) and inspect.getcoroutinestate(aw) == inspect.CORO_CREATED:
-            aw.close()  # timed out or cancelled waiting for the gate
-
-
 if sys.version_info >= (3, 11):
-    async def _bounded(aw: Awaitable[T], timeout_s: float, gate: _Gate | None) -> T:
-        """``await aw`` in this task once ``gate`` (if any) is taken, raising TimeoutError
-        after ``timeout_s`` (waiting for the gate included)."""
+    async def _bounded(aw: Awaitable[T], timeout_s: float) -> T:
+        """``await aw`` in this task, raising TimeoutError after ``timeout_s``."""
         async with asyncio.timeout(timeout_s):
-            return await _gated(aw, gate)
+            return await aw
 else:  # pragma: no cover - Python 3.10
-    async def _bounded(aw: Awaitable[T], timeout_s: float, gate: _Gate | None) -> T:
-        """``await aw`` in this task once ``gate`` (if any) is taken, raising TimeoutError
-        after ``timeout_s`` (waiting for the gate included)."""
-        aw = _gated(aw, gate)
+    async def _bounded(aw: Awaitable[T], timeout_s: float) -> T:
+        """``await aw`` in this task, raising TimeoutError after ``timeout_s``."""
         task = asyncio.current_task()
         assert task is not None
         fired = False
@@ -243,8 +220,7 @@ class HdfsTier(Tier):
             "dfs.client.socket-timeout": str(int(self.timeout_s * 1000)),
             **{str(k): str(v) for k, v in (config or {}).items()},
         }
-        self._client: AsyncClient | None = None
-        self._gate = _Gate()  # replaced by the shared client's
+        self._client: Client | None = None
         self._closed = False
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -257,12 +233,12 @@ class HdfsTier(Tier):
         prefix = self._base + "/"
         return path[len(prefix):] if path.startswith(prefix) else None
 
-    def _get_client(self, op: str, key: str) -> AsyncClient:
+    def _get_client(self, op: str, key: str) -> Client:
         if self._closed:
             raise TierError(f"{self.name}: {op} {key!r} on {self.url}: the tier is closed")
         if self._client is None:
             try:
-                self._client, self._gate = _shared(self._fs_url, self.config)
+                self._client = _shared(self._fs_url, self.config)
             except BaseException as exc:
                 self._fail(op, key, exc)
         return self._client
@@ -286,18 +262,17 @@ class HdfsTier(Tier):
             raise TierError(f"{where}: HDFS client panicked: {_first_line(exc)}") from exc
         raise exc
 
-    async def _call(self, op: str, key: str, aw: Awaitable[T], *,
-                    missing_is_not_found: bool = False, gated: bool = True) -> T:
-        """``aw`` bounded by ``timeout_s``; ``gated=False`` only for reads of an open file,
-        which go to DataNodes, never through the NameNode connection."""
+    async def _call(self, op: str, key: str, fn: Callable[..., T], *args: Any,
+                    missing_is_not_found: bool = False) -> T:
+        """``fn(*args)`` (a client call) on a worker thread, bounded by ``timeout_s``."""
         try:
-            return await _bounded(aw, self.timeout_s, self._gate if gated else None)
+            return await _bounded(_in_thread(fn, *args), self.timeout_s)
         except BaseException as exc:
             self._fail(op, key, exc, missing_is_not_found=missing_is_not_found)
 
     async def _file_status(self, op: str, key: str) -> FileStatus:
         client = self._get_client(op, key)
-        st = await self._call(op, key, client.get_file_info(self._path(key)),
+        st = await self._call(op, key, client.get_file_info, self._path(key),
                               missing_is_not_found=True)
         if st.isdir:
             raise KeyNotFound(f"{self.name}: {op} {key!r} on {self.url}: no such key "
@@ -314,7 +289,7 @@ class HdfsTier(Tier):
                 # concurrent delete): tell the two apart and walk again in the second case.
                 client = self._get_client(op, key)
                 try:
-                    await self._call(op, key, client.get_file_info(directory),
+                    await self._call(op, key, client.get_file_info, directory,
                                      missing_is_not_found=True)
                 except KeyNotFound:
                     return []
@@ -324,14 +299,11 @@ class HdfsTier(Tier):
 
     async def _walk_once(self, op: str, key: str, directory: str) -> list[FileStatus]:
         client = self._get_client(op, key)
-        out: list[FileStatus] = []
+
+        def walk() -> list[FileStatus]:
+            return list(client.list_status(directory, recursive=True))
         try:
-            it = client.list_status(directory, recursive=True)
-            while True:
-                try:
-                    out.append(await _bounded(it.__anext__(), self.timeout_s, self._gate))
-                except StopAsyncIteration:
-                    return out
+            return await _bounded(_in_thread(walk), self.timeout_s)
         except FileNotFoundError:
             raise
         except BaseException as exc:
@@ -343,7 +315,7 @@ class HdfsTier(Tier):
         async def remove() -> None:
             try:
                 client = self._get_client("discard", key)
-                await _bounded(client.delete(path, False), self.timeout_s, self._gate)
+                await _bounded(_in_thread(client.delete, path, False), self.timeout_s)
             except _PASS_THROUGH:
                 raise
             except BaseException as exc:
@@ -376,7 +348,7 @@ class HdfsTier(Tier):
         tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(8)}"
         options = WriteOptions(overwrite=False, create_parent=True,
                                replication=self.replication, block_size=self.block_size)
-        writer = await self._call("put", key, client.create(tmp, options))
+        writer = await self._call("put", key, client.create, tmp, options)
         try:
             step = self.chunk_bytes
             for part in parts:
@@ -384,22 +356,26 @@ class HdfsTier(Tier):
                     # bytes, not a memoryview: hdfs-native takes bytes/bytearray in one copy
                     # but walks any other buffer byte by byte (~10x slower, all CPU).
                     chunk = bytes(part[start:start + step])
-                    await self._call("put", key, writer.write(chunk))
-            await self._call("put", key, writer.close())
-            await self._call("put", key, client.rename(tmp, path, True))
+                    await self._call("put", key, writer.write, chunk)
+            await self._call("put", key, writer.close)
+            await self._call("put", key, client.rename, tmp, path, True)
         except BaseException as exc:
             # After a call ran out of time the cluster is not answering: report that now and
             # delete the temporary file in the background, or the caller would wait a second
             # ``timeout_s`` for a delete that most likely fails too.
             await self._discard(tmp, key, wait=not _timed_out(exc))
             raise
+        finally:
+            # io's finalizer would call the writer's close (an RPC) again on whichever thread
+            # drops it, the event loop's included: the file is complete or being discarded.
+            io.RawIOBase.close(writer)
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         validate_key(key)
         if offset < 0 or (length is not None and length < 0):
             raise ValueError(f"{self.name}: negative offset or length reading {key!r}")
         client = self._get_client("get", key)
-        reader = await self._call("get", key, client.read(self._path(key)),
+        reader = await self._call("get", key, client.read, self._path(key),
                                   missing_is_not_found=True)
         # Past the end: the bytes that exist; offset > size: ValueError (as the other tiers).
         start, end = clamp_range(self.name, key, len(reader), offset, length)
@@ -407,7 +383,7 @@ class HdfsTier(Tier):
         # Never ask for bytes past the end: hdfs-native panics on such a read.
         for pos in range(start, end, self.chunk_bytes):
             n = min(self.chunk_bytes, end - pos)
-            chunks.append(await self._call("get", key, reader.read_range(pos, n), gated=False))
+            chunks.append(await self._call("get", key, reader.read_range, pos, n))
         if len(chunks) == 1:
             return chunks[0]
         return b"".join(chunks)
@@ -419,7 +395,7 @@ class HdfsTier(Tier):
         if out.ndim != 1 or out.format != "B":
             out = out.cast("B")
         client = self._get_client("get", key)
-        reader = await self._call("get", key, client.read(self._path(key)),
+        reader = await self._call("get", key, client.read, self._path(key),
                                   missing_is_not_found=True)
         want = out.nbytes
         start, end = clamp_range(self.name, key, len(reader), offset, want)
@@ -429,14 +405,13 @@ class HdfsTier(Tier):
                             f"{have} of {want} bytes at offset {offset}")
         for pos in range(0, want, self.chunk_bytes):
             n = min(self.chunk_bytes, want - pos)
-            out[pos:pos + n] = await self._call("get", key, reader.read_range(offset + pos, n),
-                                                gated=False)
+            out[pos:pos + n] = await self._call("get", key, reader.read_range, offset + pos, n)
 
     async def delete(self, key: str) -> None:
         validate_key(key)
         await self._file_status("delete", key)  # KeyNotFound for a missing key or a directory
         client = self._get_client("delete", key)
-        removed = await self._call("delete", key, client.delete(self._path(key), False),
+        removed = await self._call("delete", key, client.delete, self._path(key), False,
                                    missing_is_not_found=True)
         if not removed:
             raise KeyNotFound(f"{self.name}: delete {key!r} on {self.url}: no such key")
@@ -471,7 +446,7 @@ class HdfsTier(Tier):
                 stale.append(st.path)
         client = self._get_client("remove_stale_tmp", "")
         for path in stale:
-            await self._call("remove_stale_tmp", path, client.delete(path, False))
+            await self._call("remove_stale_tmp", path, client.delete, path, False)
         return len(stale)
 
     async def close(self) -> None:

@@ -18,10 +18,10 @@ from tier_cases import hdfs_base_url, hdfs_raw_files
 
 pytest.importorskip("hdfs_native")
 
-from hdfs_native import AsyncClient
+from hdfs_native import Client
 
 from tiers.base import KeyNotFound, TierError
-from tiers.hdfs import FAILED_CALL_GRACE_S, HdfsTier, _Gate, _gated, _shared
+from tiers.hdfs import HdfsTier, _shared
 
 TIMEOUT_S = 5.0
 MARGIN_S = 3.0
@@ -74,85 +74,77 @@ async def test_tier_recovers_after_panic() -> None:
     await tier.close()  # idempotent
 
 
-def test_the_client_gate_admits_one_call_at_a_time_across_threads_and_loops() -> None:
-    gate = _Gate()
-    inside = peak = admitted = 0
-    count = threading.Lock()
+async def test_a_call_that_hangs_fails_within_timeout_while_the_loop_runs_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client call that does not return (a cluster that stopped answering) fails with a
+    TierError about ``timeout_s`` later; meanwhile it blocks a worker thread, never the loop."""
+    released = threading.Event()
+    callers: list[str] = []
 
-    async def call() -> None:
-        nonlocal inside, peak, admitted
-        async with gate:
-            with count:
-                inside += 1
-                peak = max(peak, inside)
-                admitted += 1
-            await asyncio.sleep(0.002)
-            with count:
-                inside -= 1
+    def hangs(self: Client, path: str) -> None:
+        callers.append(threading.current_thread().name)
+        released.wait(30)
+
+    monkeypatch.setattr(Client, "get_file_info", hangs)
+    url = f"hdfs://127.0.0.1:{_closed_port()}/asymcheck"
+    tier = HdfsTier(url, name="remote", timeout_s=0.5)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.ensure_future(tick())
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(TierError, match=r"stat 'k'.*no answer within 0.5 s"):
+            await tier.stat("k")
+        elapsed = time.monotonic() - t0
+    finally:
+        released.set()
+        ticker.cancel()
+        await tier.close()
+    assert 0.5 <= elapsed < 0.5 + MARGIN_S
+    assert ticks >= 10  # the loop ran on while the call hung
+    assert callers and callers[0].startswith("asymcheck-hdfs")
+
+
+def test_calls_failing_at_once_from_two_loops_all_fail_fast() -> None:
+    """Many calls in flight on one shared client while the NameNode refuses them all, from two
+    threads' event loops: each fails with a TierError and nothing freezes (the calls wake no
+    Python code from the client's reader)."""
+    url = f"hdfs://127.0.0.1:{_closed_port()}/asymcheck"
+    errors: list[BaseException] = []
+    failed: list[int] = []
 
     async def calls() -> None:
-        await asyncio.gather(*(call() for _ in range(8)))
+        async with HdfsTier(url, name="remote", timeout_s=TIMEOUT_S) as tier:
+            ops = [tier.stat(f"k{i}") for i in range(10)]
+            ops += [tier.put(f"k{i}", b"x" * 1000) for i in range(10)]
+            ops += [tier.delete(f"k{i}") for i in range(10)]
+            results = await asyncio.gather(*ops, return_exceptions=True)
+        assert all(isinstance(r, TierError) and not isinstance(r, KeyNotFound)
+                   for r in results), results
+        failed.append(len(results))
 
-    threads = [threading.Thread(target=asyncio.run, args=(calls(),)) for _ in range(3)]
+    def run() -> None:
+        try:
+            asyncio.run(calls())
+        except BaseException as exc:
+            errors.append(exc)
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=run) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
-    assert admitted == 24 and peak == 1
-
-
-async def test_a_call_cancelled_while_waiting_for_the_gate_does_not_hold_it() -> None:
-    gate = _Gate()
-    async with gate:
-        waiter = asyncio.ensure_future(gate.__aenter__())
-        await asyncio.sleep(0.01)
-        waiter.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiter
-    await asyncio.wait_for(gate.__aenter__(), 1.0)  # free again
-    await gate.__aexit__()
-
-
-async def test_the_gate_stays_closed_for_a_grace_period_after_a_failed_call() -> None:
-    """A call that failed keeps the gate FAILED_CALL_GRACE_S, the GIL free, so the client's
-    reader thread can finish waking it before the next call locks the pending-call table."""
-    gate = _Gate()
-    raised = asyncio.Event()
-
-    async def failing() -> None:
-        raised.set()
-        raise ConnectionResetError("the NameNode went away")
-
-    async def fine() -> int:
-        return 7
-
-    call = asyncio.ensure_future(_gated(failing(), gate))
-    await raised.wait()
-    await asyncio.sleep(0)
-    assert gate._lock.locked()  # the failure reached _gated; the gate is still closed
-    next_call = asyncio.ensure_future(_gated(fine(), gate))
-    await asyncio.sleep(FAILED_CALL_GRACE_S / 4)
-    assert not next_call.done()
-    with pytest.raises(ConnectionResetError):
-        await call
-    assert await next_call == 7
-    assert not gate._lock.locked()  # a call that succeeds releases the gate at once
-
-
-async def test_a_cancelled_call_releases_the_gate_at_once() -> None:
-    gate = _Gate()
-    started = asyncio.Event()
-
-    async def hangs() -> None:
-        started.set()
-        await asyncio.sleep(3600)
-
-    call = asyncio.ensure_future(_gated(hangs(), gate))
-    await started.wait()
-    call.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await call
-    assert not gate._lock.locked()
+        t.join(TIMEOUT_S + MARGIN_S + 30)
+    assert not any(t.is_alive() for t in threads), "calls froze"
+    assert not errors, errors
+    assert failed == [30, 30]
+    assert time.monotonic() - t0 < TIMEOUT_S + MARGIN_S
 
 
 # ------------------------------------------------------------------ against the cluster
@@ -201,11 +193,10 @@ async def test_cancelled_put_leaves_nothing_visible(tier: HdfsTier) -> None:
 async def test_failed_put_leaves_nothing_visible(tier: HdfsTier,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # The commit step (rename) fails after the temporary file was fully written.
-    async def failing_rename(self: AsyncClient, src: str, dst: str,
-                             overwrite: bool = False) -> None:
+    def failing_rename(self: Client, src: str, dst: str, overwrite: bool = False) -> None:
         raise OSError(f"injected rename failure {src} -> {dst}")
 
-    monkeypatch.setattr(AsyncClient, "rename", failing_rename)
+    monkeypatch.setattr(Client, "rename", failing_rename)
     with pytest.raises(TierError, match="injected rename failure") as info:
         await tier.put("step-2/data.bin", b"y" * (3 << 20))
     monkeypatch.undo()
@@ -219,10 +210,12 @@ async def test_failed_put_leaves_nothing_visible(tier: HdfsTier,
 @pytest.mark.hdfs
 async def test_tmp_names_are_not_keys(tier: HdfsTier) -> None:
     await tier.put("a/b", b"1")
-    client = _shared(tier._fs_url, tier.config)[0]
-    w = await client.create(tier._base + "/a/b.tmp-123-0123456789abcdef")
-    await w.write(b"partial")
-    await w.close()
+    client = _shared(tier._fs_url, tier.config)
+
+    def write_partial() -> None:
+        with client.create(tier._base + "/a/b.tmp-123-0123456789abcdef") as w:
+            w.write(b"partial")
+    await asyncio.to_thread(write_partial)
     assert await tier.list() == ["a/b"]
     assert await tier.list("a/b") == ["a/b"]
     with pytest.raises(ValueError):
@@ -234,9 +227,9 @@ async def test_tmp_names_are_not_keys(tier: HdfsTier) -> None:
 
 
 @pytest.mark.hdfs
-def test_tiers_on_two_event_loops_share_the_client_and_its_gate(hdfs_root: str) -> None:
+def test_tiers_on_two_event_loops_share_the_client(hdfs_root: str) -> None:
     url = f"{hdfs_root}/faults/{uuid.uuid4().hex}"
-    gates: list[_Gate] = []
+    clients: list[Client | None] = []
 
     async def traffic(rank: int) -> None:
         async with HdfsTier(url, name=f"remote{rank}", chunk_bytes=4096) as tier:
@@ -244,7 +237,7 @@ def test_tiers_on_two_event_loops_share_the_client_and_its_gate(hdfs_root: str) 
             await asyncio.gather(*(tier.put(k, v) for k, v in blobs.items()))
             got = await asyncio.gather(*(tier.get(k) for k in blobs))
             assert got == list(blobs.values())
-            gates.append(tier._gate)
+            clients.append(tier._client)
 
     errors: list[BaseException] = []
 
@@ -260,7 +253,7 @@ def test_tiers_on_two_event_loops_share_the_client_and_its_gate(hdfs_root: str) 
     for t in threads:
         t.join(120)
     assert not errors, errors
-    assert len(gates) == 2 and gates[0] is gates[1]
+    assert len(clients) == 2 and clients[0] is not None and clients[0] is clients[1]
 
     async def cleanup() -> None:
         async with HdfsTier(url) as tier:

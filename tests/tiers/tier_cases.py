@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -62,11 +63,14 @@ async def hdfs_raw_files(tier: Tier) -> list[str]:
     from tiers.hdfs import HdfsTier, _shared
 
     assert isinstance(tier, HdfsTier)
-    client = _shared(tier._fs_url, tier.config)[0]
+    client = _shared(tier._fs_url, tier.config)
     base = tier._base
+
+    def walk() -> list[str]:
+        return sorted(st.path[len(base) + 1:] for st in client.list_status(base, True)
+                      if not st.isdir)
     try:
-        return sorted([st.path[len(base) + 1:] async for st in client.list_status(base, True)
-                       if not st.isdir])
+        return await asyncio.to_thread(walk)
     except FileNotFoundError:
         return []
 
