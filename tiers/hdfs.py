@@ -11,10 +11,11 @@ process leaves one behind, which :meth:`HdfsTier.remove_stale_tmp` removes).
 Every failure becomes a :class:`TierError` (or :class:`KeyNotFound`) that names the tier, the
 URL and the key, in bounded time:
 
-* each client call (one RPC, or the transfer of at most ``chunk_bytes``) must finish within
-  ``timeout_s``, so an operation fails about ``timeout_s`` after a hung cluster stopped
-  answering, and at once when the cluster is down (connection refused or reset); a put that
-  ran out of time deletes its temporary file in the background, not before it raises;
+* each client call (one RPC, a listing, or the transfer of at most ``chunk_bytes``) must
+  finish within ``timeout_s``, so an operation fails about ``timeout_s`` after a hung cluster
+  stopped answering, and at once when the cluster is down (connection refused or reset); a
+  put that ran out of time deletes its temporary file in the background, not before it
+  raises;
 * the deadline is ``asyncio.timeout`` in the calling task, not ``asyncio.wait_for``, which
   on Python <= 3.11 can lose a cancellation of the caller when the inner call completes at
   the same moment (a cancelled put would then carry on with its next call);
