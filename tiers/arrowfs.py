@@ -65,6 +65,7 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tiers._fsutil import clamp_range
+from tiers._workers import WorkerPool
 from tiers.base import (
     REDACTED,
     Capabilities,
@@ -100,23 +101,11 @@ T = TypeVar("T")
 SCHEMES = {"s3": "S3FileSystem", "gs": "GcsFileSystem", "gcs": "GcsFileSystem",
            "abfs": "AzureFileSystem", "abfss": "AzureFileSystem"}
 
-_POOL_LOCK = threading.Lock()
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_POOL_THREADS = 32
+#: The worker threads of every ArrowFsTier.
+_POOL = WorkerPool(32, "asymcheck-objstore")
 _PUT_GENERATION = itertools.count(1)
 #: A read whose object is replaced while it runs starts over, at most this many times.
 _READ_TRIES = 3
-
-
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The worker threads of every ArrowFsTier (created on first use, never shut down: a
-    thread stuck on a hung store must not hold up the event loop's executor shutdown)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = concurrent.futures.ThreadPoolExecutor(
-                _POOL_THREADS, thread_name_prefix="asymcheck-objstore")
-        return _POOL
 
 
 class _BadUrl(ValueError):
@@ -320,7 +309,7 @@ class ArrowFsTier(Tier):
         ``on_late`` runs (in a worker thread) when a call that was given up finishes."""
         loop = asyncio.get_running_loop()
         late = late or _Late()
-        cfut = _pool().submit(fn, late, *args)
+        cfut = _POOL.submit(fn, late, *args)
         fut: asyncio.Future[T] = asyncio.wrap_future(cfut, loop=loop)
         fut.add_done_callback(_consume)
         limit = self.timeout_s + nbytes / self.min_put_bps

@@ -51,7 +51,6 @@ client), ``replication`` and ``block_size`` for new files.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import io
 import os
 import posixpath
@@ -64,6 +63,7 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from tiers._fsutil import TMP_RE, check_file_key, clamp_range
+from tiers._workers import WorkerPool
 from tiers.base import (
     Capabilities,
     CapacityError,
@@ -112,25 +112,14 @@ def _shared(fs_url: str, config: Mapping[str, str]) -> Client:
         return client
 
 
-_POOL_LOCK = threading.Lock()
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_POOL_THREADS = 16
-
-
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The worker threads of every HdfsTier (made on first use, never shut down)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = concurrent.futures.ThreadPoolExecutor(
-                _POOL_THREADS, thread_name_prefix="asymcheck-hdfs")
-        return _POOL
+#: The worker threads of every HdfsTier.
+_POOL = WorkerPool(16, "asymcheck-hdfs")
 
 
 def _in_thread(fn: Callable[..., T], *args: Any) -> Awaitable[T]:
     """``fn(*args)`` on a worker thread; cancelling the awaitable before a thread took the
     call means it never runs."""
-    return asyncio.wrap_future(_pool().submit(fn, *args))
+    return asyncio.wrap_future(_POOL.submit(fn, *args))
 
 
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError)
