@@ -347,6 +347,9 @@ class MemorySampler:
         self.baseline = self.peak = 0
         self.shm_baseline = self.peak_shm = 0
         self.resident_baseline = self.peak_resident = 0
+        #: the method's own shared memory in use (its host tier), sampled beside the machine's
+        self.own_shm: Callable[[], int] | None = None
+        self.peak_own_shm = 0
 
     def sample(self, children: bool | None = None) -> int:
         if not self.available:
@@ -355,6 +358,8 @@ class MemorySampler:
         shm = max(_system_shmem_bytes() - self.shm_baseline, 0)
         self.peak_shm = max(self.peak_shm, shm)
         self.peak_resident = max(self.peak_resident, resident)
+        if self.own_shm is not None:
+            self.peak_own_shm = max(self.peak_own_shm, self.own_shm())
         return resident + shm
 
     def start(self) -> None:
@@ -377,8 +382,9 @@ class MemorySampler:
             self.peak = max(self.peak, self.sample())
         if not self.available:
             return {}
+        own = {} if self.own_shm is None else {"peak_own_shm_bytes": self.peak_own_shm}
         return {"peak_host_bytes": self.peak - self.baseline, "peak_shm_bytes": self.peak_shm,
-                "peak_resident_bytes": self.peak_resident - self.resident_baseline}
+                "peak_resident_bytes": self.peak_resident - self.resident_baseline, **own}
 
 
 def _when_done(completion: Any, callback: Callable[[], None]) -> None:
@@ -413,6 +419,11 @@ class Method:
     def checkpoint(self, step: int) -> float:
         """Do the save; return the seconds of training-thread stall it caused so far."""
         return 0.0
+
+    def own_shm_bytes(self) -> Callable[[], int] | None:
+        """How many bytes of shared memory the method itself holds now (any thread), where it
+        can tell: the machine's figure also counts what other methods left behind."""
+        return None
 
     def stall_after_step(self) -> float:
         """Stall the method added inside the next optimizer step (asym gate)."""
@@ -570,6 +581,16 @@ keep = 2
                                            warmup_iterations=self.warmup_iterations)
         self.handles = []
         self.restore_sources: dict[str, dict[str, int]] = {}
+
+    def own_shm_bytes(self) -> Callable[[], int] | None:
+        ckpt = self.ckpt
+
+        def used() -> int:  # its host blocks: committed, being saved, spare and pooled
+            try:
+                return ckpt.host.used_bytes
+            except KeyError:  # the host tier opens with the first save
+                return 0
+        return used
 
     def checkpoint(self, step: int) -> float:
         self.saved_at[step] = time.perf_counter()
@@ -763,6 +784,7 @@ def run(method: Method, make: Callable[[], Workload], *, warmup: int, iterations
     memory.start()
     try:
         method.setup(w, workdir)
+        memory.own_shm = method.own_shm_bytes()
         iteration_s: list[float] = []
         stall_s: list[float] = []
         timed_steps: list[int] = []

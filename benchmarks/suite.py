@@ -400,8 +400,9 @@ def _find(rn: dict[str, Any], method: str) -> dict[str, Any] | None:
 def memory_lines(results: list[dict[str, Any]]) -> list[str]:
     """The host-memory target per model and frequency: the headline's peak above the
     no-checkpoint run against the lower of the DCP-best rows' plus one copy of the state,
-    each split into its shared memory (exact: host blocks, staging) and its resident memory
-    above the no-checkpoint run's (which moves by tens of MB between identical runs)."""
+    each split into its shared memory (host blocks, staging; AsymCheck's own host tier's
+    peak beside the machine's) and its resident memory above the no-checkpoint run's (which
+    moves by tens of MB between identical runs)."""
     lines = ["| model | every | state | " + HEADLINE + " peak over none: shared + resident "
              "| DCP-best (lower) peak over none: shared + resident | bound: DCP-best + one copy "
              "| within |",
@@ -409,8 +410,10 @@ def memory_lines(results: list[dict[str, Any]]) -> list[str]:
 
     def split(row: dict[str, Any]) -> str:
         resident = row.get("peak_resident_bytes_over_baseline")
+        own = row.get("peak_own_shm_bytes")
         return (f"{row['peak_host_bytes_over_baseline'] / 1e6:.0f} MB: "
-                f"{row.get('peak_shm_bytes', 0) / 1e6:.0f} "
+                f"{row.get('peak_shm_bytes', 0) / 1e6:.0f}"
+                f"{'' if own is None else f' (its host tier {own / 1e6:.0f})'} "
                 f"{f'+ {NA}' if resident is None else f'{resident / 1e6:+.0f}'} MB")
 
     for res in results:
@@ -620,8 +623,10 @@ def write_report(results: list[dict[str, Any]], out_dir: Path, total_s: float | 
     lines += ["", "## Host memory", "",
               f"Peak host memory above the no-checkpoint run, {HEADLINE} against the lower of "
               "the DCP-best rows plus one copy of the state (the target), each as its peak of "
-              "shared memory (host blocks, shared-memory staging: an exact figure) + its peak "
-              "of resident memory above the no-checkpoint run's. A process checkpointer's "
+              "shared memory (the machine's shared memory in use above the run's start: host "
+              "blocks, shared-memory staging; in parentheses, the peak of AsymCheck's own host "
+              "tier, which counts no other method's segments) + its peak of resident "
+              "memory above the no-checkpoint run's. A process checkpointer's "
               "worker process counts in its resident memory. The resident part moves by tens "
               "of MB between two runs of the same method (training's own allocations), as "
               "much as a state here; `benchmarks/memory.py` measures the checkpointers' own "
