@@ -228,10 +228,15 @@ class HostStage:
 
     async def retained(self) -> None:
         """After a retention pass on the host tier: a deferred spare is asked for again (the
-        block it waited for may be pooled now); with a spare held, freed blocks in the pool are
-        surplus, each one more copy of the state in shared memory, and are given back."""
+        block it waited for may be pooled now), judged against the newest committed copy (a
+        save committed since it was deferred makes the copy that asked an older one, whose
+        flush holds a block too); with a spare held, freed blocks in the pool are surplus,
+        each one more copy of the state in shared memory, and are given back."""
         if self._deferred is not None:
-            self.want_spare(*self._deferred)
+            newest = await committed_steps(self.host)
+            if self._deferred is not None:
+                nbytes, step = self._deferred
+                self.want_spare(nbytes, max([step, *newest[-1:]]))
         await self.trim_pool()
 
     async def trim_pool(self) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 import asymcheck.hoststage
 from asymcheck.hoststage import HostStage
+from asymcheck.layout import manifest_key, step_key
 from tiers import HostTier
 from tiers.local import buffer_address
 
@@ -73,4 +74,46 @@ async def test_a_mapping_is_page_locked_once_and_unlocked_when_the_tier_unmaps_i
     assert unlocked == []
     await host.close()
     assert sorted(unlocked) == sorted(locked) and not stage._locked
+    await host.destroy()
+
+
+async def test_a_deferred_spare_is_judged_against_the_newest_committed_copy() -> None:
+    """Step 13's spare waits for step 12's flush; 12 stays as a delta base and 14 is saved beside
+    them (the base, the kept copy and one block more). When 14 commits, 13 is the older copy
+    still being flushed: the spare 13 asked for waits for that flush instead of mapping a fourth
+    block, and then reuses 13's freed block."""
+    host = HostTier("shm://stage-deferred")
+    stage = HostStage(host, asyncio.Lock(), on_unpinned=_nothing)
+    nbytes = 1 << 20
+
+    async def save(step: int) -> None:
+        block = await stage.claim(step_key(step, "data.bin"), nbytes)
+        stage.copying(block)
+        await block.commit()
+        await host.put(manifest_key(step), b"manifest")
+
+    def blocks() -> int:  # host blocks held (a manifest's few bytes left out)
+        return host.used_bytes // nbytes
+
+    await save(12)
+    stage.pin_base(12)  # the next deltas are coded against 12
+    stage.pin(12, waited=True)  # 12's flush
+    await save(13)
+    stage.pin(13, waited=True)  # 13's flush
+    stage.want_spare(nbytes, 13)  # deferred: 12 is still being flushed
+    await stage.unpin(12, waited=True)  # 12's flush is done; the base pin keeps it
+    await save(14)
+    assert blocks() == 3  # the base, 13 being flushed, and 14
+    stage.pin(14, waited=True)
+    await stage.retained()  # the retention pass after 14's commit
+    await asyncio.gather(*stage._spare_tasks)
+    assert blocks() == 3  # no spare beside them while 13 is flushed
+    await stage.unpin(13, waited=True)
+    await host.delete(step_key(13, "data.bin"))  # retention: 13's block goes to the pool
+    await host.delete(manifest_key(13))
+    await stage.retained()
+    await asyncio.gather(*stage._spare_tasks)
+    assert blocks() == 3 and host.pooled_bytes == 0
+    assert stage.take_spare(nbytes) is not None  # the spare reused 13's block
+    await stage.close()
     await host.destroy()
