@@ -53,6 +53,10 @@ class LinearFit:
         if busy > 0 and sum(xs) > 0:
             self.throughput_bps = sum(xs) / busy
 
+    def peak_bps(self) -> float:
+        """The fastest rate of a recent sample (bytes per second), at least the fit's."""
+        return max([self.throughput_bps, *(n / t for n, t in self.samples)])
+
     def to_dict(self) -> dict[str, float]:
         return {"latency_s": self.latency_s, "throughput_bps": self.throughput_bps,
                 "samples": len(self.samples)}
@@ -96,12 +100,16 @@ class CostModel:
         """True once the codec's speed was measured on this job's data."""
         return name in self.seeded or bool(self.codec(name).samples)
 
-    def compression_could_pay(self, tier: str, codec: str, nbytes: int) -> bool:
+    def compression_could_pay(self, tier: str, codec: str, nbytes: int, *,
+                              at_best: bool = False) -> bool:
         """T_c(n) < T_w(n): false when even an infinite ratio would not shorten the write, so
-        estimating the ratio is not worth its cost."""
+        estimating the ratio is not worth its cost. ``at_best``: T_w at the tier's fastest
+        recent write, not its fit, for a decision that lasts (a delta base held in host
+        memory until the next full checkpoint), which a fit dipping for a save or two, a
+        slow fsync under someone else's writeback, must not make."""
         write = self.tiers[tier]
-        return (nbytes >= self.min_compress_bytes
-                and self.codec(codec).time_s(nbytes) < nbytes / write.throughput_bps)
+        bps = write.peak_bps() if at_best else write.throughput_bps
+        return nbytes >= self.min_compress_bytes and self.codec(codec).time_s(nbytes) < nbytes / bps
 
     def compression_pays(self, tier: str, codec: str, nbytes: int, ratio: float) -> bool:
         """T_c(n) + T_w(n / ratio) < T_w(n): compress only when it shortens time to durable."""

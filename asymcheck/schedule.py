@@ -427,7 +427,8 @@ class FlushScheduler:
         A delta codes more than a full compression does (a difference, then the same
         shuffle + zstd), so it is no faster: where the tier writes faster than the full codec
         compresses, no delta can pay, and holding ``man`` in host memory as a base would cost
-        a copy of the state for nothing. Until a codec's speed is measured, it could."""
+        a copy of the state for nothing. The tier is taken at its fastest recent write: a base
+        is held until the next full checkpoint. Until a codec's speed is measured, it could."""
         sizes = [t.nbytes for t in man.tensors if t.nbytes >= self.cost.min_compress_bytes]
         if not sizes:  # every tensor is stored raw whatever the mode
             return False
@@ -436,7 +437,7 @@ class FlushScheduler:
         codec = DELTA_CODEC if self.cost.codec_known(DELTA_CODEC) else FULL_CODEC
         if not self.cost.codec_known(codec):
             return True
-        return any(self.cost.compression_could_pay(tier, codec, n) for n in sizes)
+        return any(self.cost.compression_could_pay(tier, codec, n, at_best=True) for n in sizes)
 
 
 #: bytes of a tensor compressed to estimate its ratio

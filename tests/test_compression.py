@@ -308,6 +308,27 @@ def test_ratio_sampling_is_skipped_only_where_no_ratio_could_pay() -> None:
     assert cost.compression_could_pay("nvme", "shuffle", 64 << 20)
 
 
+def test_a_delta_base_is_held_only_where_a_delta_could_pay_at_the_tier_s_best() -> None:
+    """A slow fsync or two drag a disk's fit below the codec's speed, so a ratio may be worth
+    sampling; but a base is a copy of the state held until the next full checkpoint, and the
+    disk at its recent best still outruns the codec."""
+    cost = CostModel(min_compress_bytes=1 << 20)
+    cost.seed_codec("shuffle", 256 << 10, (256 << 10) / 100e6)  # 100 MB/s
+    disk = cost.tier("disk")
+    for n in (8 << 20, 64 << 20, 8 << 20):
+        disk.add(n, n / 1e9)  # 1 GB/s
+    for _ in range(4):
+        disk.add(64 << 20, (64 << 20) / 20e6)  # writes stuck behind writeback: 20 MB/s
+    assert disk.throughput_bps < 100e6 < disk.peak_bps()
+    assert cost.compression_could_pay("disk", "shuffle", 64 << 20)
+    assert not cost.compression_could_pay("disk", "shuffle", 64 << 20, at_best=True)
+    slow = cost.tier("remote")  # a tier slower than the codec at its best too
+    for n in (8 << 20, 64 << 20):
+        slow.add(n, n / 50e6)
+    assert cost.compression_could_pay("remote", "shuffle", 64 << 20, at_best=True)
+    assert LinearFit(latency_s=0.0, throughput_bps=7e6).peak_bps() == 7e6  # no samples
+
+
 def test_linear_fit_recovers_latency_and_throughput() -> None:
     fit = LinearFit(latency_s=0.5, throughput_bps=1.0)
     for n in (1 << 10, 1 << 20, 16 << 20, 64 << 20):
