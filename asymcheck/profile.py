@@ -129,9 +129,14 @@ class WindowTracker:
         return events
 
     def remove(self) -> None:
+        """Remove the hooks and forget the listeners: a listener holds its owner (the stager,
+        and through it the model and optimizers), which would otherwise outlive a closed
+        checkpointer until the next garbage collection."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._window_listeners.clear()
+        self._step_listeners.clear()
 
 
 class Profiler:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import pytest
@@ -311,3 +313,23 @@ def test_extras_without_state_dict_are_rejected(policy: asymcheck.Policy) -> Non
     model, opt, _ = make_training()
     with pytest.raises(TypeError, match="state_dict"):
         asymcheck.Checkpointer(model, opt, policy=policy, extras={"bad": object()})  # type: ignore[dict-item]
+
+
+def test_a_closed_checkpointer_frees_its_stager_and_the_state_it_holds_without_gc(
+        policy: asymcheck.Policy) -> None:
+    """Its hooks' listeners held the stager, and through it the model and optimizers, in a
+    reference cycle: a job that made a new checkpointer kept the old one's state (a copy of
+    the state's size per closed checkpointer) until the garbage collector ran."""
+    model, opt, sched = make_training()
+    ckpt = asymcheck.Checkpointer(model, opt, policy=policy, mode="asym", warmup_iterations=2)
+    for step in range(4):
+        train_steps(model, opt, sched, 1)
+        ckpt.save_sync(step)
+    ckpt.close_sync()
+    stager = weakref.ref(ckpt._stager)
+    gc.disable()
+    try:
+        del ckpt
+        assert stager() is None
+    finally:
+        gc.enable()
