@@ -172,10 +172,12 @@ class Committer:
             committed = await self._commit_pinned(prep, block)
         finally:
             last = self.stage.drop_pin(prep.step)
+        if committed:
+            self.stage.committed(prep.step)
         if committed or last:  # older host copies may go now (this one too, once unpinned)
             await self.retain(self.host)
         if committed:
-            self.stage.want_spare(prep.layout.total_bytes, prep.step)  # after retention
+            self.stage.want_spare(prep.layout.total_bytes)  # after retention
 
     async def _commit_pinned(self, prep: Prepared, block: HostBlock) -> bool:
         """Commit the staged block and its manifest, then queue the flushes; False when the

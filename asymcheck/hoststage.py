@@ -60,7 +60,8 @@ class HostStage:
         self._spare_lock = threading.Lock()
         self._spare: HostBlock | None = None
         self._spare_wanted: int | None = None
-        self._deferred: tuple[int, int] | None = None  # (nbytes, step) of a spare asked again
+        self._deferred: int | None = None  # nbytes of a spare to ask for again
+        self._newest = -1  # the newest step this stage committed on the host tier
         self._spare_tasks: set[asyncio.Task[None]] = set()
         self._locked: dict[int, Callable[[], None]] = {}  # unregister fn by mapped address
         self._copying = 0  # blocks handed to saves, not yet committed or aborted
@@ -189,19 +190,24 @@ class HostStage:
                 self._copying -= 1
         block.on_close(done)
 
-    def want_spare(self, nbytes: int, step: int) -> None:
-        """Reserve (and page-lock) a block for the next save in the background, after the
-        commit of ``step``. Not while a save's block is still being copied (its commit asks
-        again), so that the host never holds a spare beside a block being copied and the
-        checkpoints it keeps; and not while an older host copy is still being flushed with no
-        freed block of ``nbytes`` pooled (:meth:`retained` asks again once it is deleted)."""
+    def committed(self, step: int) -> None:
+        """``step`` committed on the host tier (before its retention pass)."""
+        self._newest = max(self._newest, step)
+
+    def want_spare(self, nbytes: int) -> None:
+        """Reserve (and page-lock) a block for the next save in the background, after a
+        commit. Not while a save's block is still being copied (its commit asks again), so
+        that the host never holds a spare beside a block being copied and the checkpoints it
+        keeps; and not while a host copy older than the newest committed one is still being
+        flushed with no freed block of ``nbytes`` pooled (:meth:`retained` asks again once it
+        is deleted)."""
         with self._spare_lock:
             self._deferred = None
             if (self._closed or self._spare is not None or self._spare_wanted is not None
                     or self._copying):
                 return
-            if not self.host.has_pooled(nbytes) and self._flushing_before(step):
-                self._deferred = (nbytes, step)
+            if not self.host.has_pooled(nbytes) and self._flushing_before(self._newest):
+                self._deferred = nbytes
                 return
             self._spare_wanted = nbytes
         task = asyncio.ensure_future(self._reserve_spare(nbytes))
@@ -233,10 +239,7 @@ class HostStage:
         flush holds a block too); with a spare held, freed blocks in the pool are surplus,
         each one more copy of the state in shared memory, and are given back."""
         if self._deferred is not None:
-            newest = await committed_steps(self.host)
-            if self._deferred is not None:
-                nbytes, step = self._deferred
-                self.want_spare(nbytes, max([step, *newest[-1:]]))
+            self.want_spare(self._deferred)
         await self.trim_pool()
 
     async def trim_pool(self) -> None:

@@ -33,8 +33,9 @@ async def test_a_claim_takes_the_spare_reserved_since_its_save_looked_for_one() 
     nbytes = 1 << 20
     kept = await stage.claim("step-0", nbytes)
     await kept.commit()
+    stage.committed(0)
     assert stage.take_spare(nbytes) is None  # the next save looks: nothing reserved yet
-    stage.want_spare(nbytes, 0)  # step 0 committed: a spare is reserved in the background
+    stage.want_spare(nbytes)  # step 0 committed: a spare is reserved in the background
     await asyncio.gather(*stage._spare_tasks)
     block = await stage.claim("step-1", nbytes)
     assert host.used_bytes == 2 * nbytes  # the kept copy and this save's block, no third
@@ -91,6 +92,7 @@ async def test_a_deferred_spare_is_judged_against_the_newest_committed_copy() ->
         stage.copying(block)
         await block.commit()
         await host.put(manifest_key(step), b"manifest")
+        stage.committed(step)
 
     def blocks() -> int:  # host blocks held (a manifest's few bytes left out)
         return host.used_bytes // nbytes
@@ -100,7 +102,7 @@ async def test_a_deferred_spare_is_judged_against_the_newest_committed_copy() ->
     stage.pin(12, waited=True)  # 12's flush
     await save(13)
     stage.pin(13, waited=True)  # 13's flush
-    stage.want_spare(nbytes, 13)  # deferred: 12 is still being flushed
+    stage.want_spare(nbytes)  # deferred: 12 is still being flushed
     await stage.unpin(12, waited=True)  # 12's flush is done; the base pin keeps it
     await save(14)
     assert blocks() == 3  # the base, 13 being flushed, and 14
