@@ -409,6 +409,8 @@ class Method:
 
     name = "none"
     child_processes = False  # whether its work runs in child processes (counted in memory)
+    #: what one run holds (set up by ``setup``), dropped by ``release``
+    run_state: tuple[str, ...] = ("w",)
 
     def setup(self, w: Workload, workdir: Path) -> None:
         self.w, self.workdir = w, workdir
@@ -441,6 +443,13 @@ class Method:
 
     def cleanup(self) -> None:
         """Release what outlives the run's work directory (shared memory)."""
+
+    def release(self) -> None:
+        """Drop what the run held (its workload, its last save): a method runs once per
+        round, and what it kept from one run would be freed only in its next, after that
+        run's memory baseline was taken, hiding as much of that run's own memory."""
+        for name in self.run_state:
+            self.__dict__.pop(name, None)
 
 
 class NoCheckpoint(Method):
@@ -477,6 +486,7 @@ class DcpAsync(Method):
     """torch.distributed.checkpoint.async_save, one save in flight (the documented pattern)."""
 
     name = "DCP async_save"
+    run_state = (*Method.run_state, "future")
 
     def setup(self, w: Workload, workdir: Path) -> None:
         super().setup(w, workdir)
@@ -539,6 +549,8 @@ class AsymCheckMethod(Method):
     ``local`` holds extra keys of the local tier (e.g. ``{"batch": "off"}``), ``compression``
     the ``[compression]`` table (e.g. ``{"mode": "auto"}``); ``policy_extra`` is TOML text
     appended as it is, inside the local tier's table unless it opens a new one."""
+
+    run_state = (*Method.run_state, "ckpt", "handles")
 
     def __init__(self, name: str, mode: str, policy_extra: str = "",
                  host_capacity_states: float = 4, warmup_iterations: int = 5, *,
@@ -713,7 +725,8 @@ class RunResult:
                  **{k: sum(r.extra[k] for r in runs)
                     for k in ("timed_checkpoints", "finish_s", "wall_s")},
                  "rounds": len(runs),
-                 "iteration_s_mean_by_round": [statistics.fmean(r.iteration_s) for r in runs]}
+                 "iteration_s_mean_by_round": [statistics.fmean(r.iteration_s) for r in runs],
+                 "peak_host_bytes_by_round": [r.memory.get("peak_host_bytes") for r in runs]}
         memory = {k: max(r.memory[k] or 0 for r in runs) for k in last.memory}
         restore = {t: statistics.fmean(r.restore_s[t] for r in runs if t in r.restore_s)
                    for t in last.restore_s}
@@ -852,6 +865,7 @@ def run(method: Method, make: Callable[[], Workload], *, warmup: int, iterations
     finally:
         memory.stop()
         method.cleanup()
+        method.release()
         shutil.rmtree(workdir, ignore_errors=True)
     del w, expected
     trim_heap()

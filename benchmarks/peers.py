@@ -28,6 +28,8 @@ def _free_port() -> int:
 class DcpBest(DcpAsync):
     """DCP ``async_save`` with ``DefaultStager``; ``kind`` is ``"thread"`` or ``"process"``."""
 
+    run_state = (*DcpAsync.run_state, "staging", "stager", "hook")
+
     def __init__(self, kind: str) -> None:
         if kind not in ("thread", "process"):
             raise ValueError(f"kind must be 'thread' or 'process', got {kind!r}")
