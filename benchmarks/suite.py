@@ -627,10 +627,12 @@ def write_report(results: list[dict[str, Any]], out_dir: Path, total_s: float | 
               "blocks, shared-memory staging; in parentheses, the peak of AsymCheck's own host "
               "tier, which counts no other method's segments) + its peak of resident "
               "memory above the no-checkpoint run's. A process checkpointer's "
-              "worker process counts in its resident memory. The resident part moves by tens "
-              "of MB between two runs of the same method (training's own allocations), as "
-              "much as a state here; `benchmarks/memory.py` measures the checkpointers' own "
-              "memory without training (its section below).", ""]
+              "worker process counts in its resident memory. A row's figure is the highest "
+              "of its rounds (each round's is in the JSON, `peak_host_bytes_by_round`). The "
+              "resident part moves by 10-30 MB between two runs of the same method "
+              "(training's own allocations), up to half a state here; "
+              "`benchmarks/memory.py` measures the checkpointers' own memory without "
+              "training (its section below).", ""]
     lines += memory_lines(results)
     if failed:
         lines += ["", "## Failed runs", ""] + [f"- {f}" for f in failed]
