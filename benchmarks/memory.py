@@ -97,6 +97,7 @@ def measure(method: Method, make: Callable[[], Workload], *, saves: int, gap: fl
     finally:
         memory.stop()
         method.cleanup()
+        method.release()
         shutil.rmtree(workdir, ignore_errors=True)
     return {"method": method.name, "wall_s": wall, **peak}
 
