@@ -34,7 +34,7 @@ from .layout import manifest_key, step_dir
 from .manifest import ChunkMeta, FileMeta, Manifest, TensorMeta
 from .policy import Policy, TierPolicy
 from .state import dtype_from_name
-from .stream import StreamJob
+from .stream import Piece, StreamJob
 
 log = logging.getLogger(__name__)
 
@@ -333,23 +333,7 @@ class FlushScheduler:
         choices: dict[int, tuple[str, float | None, bool]] = {}
         while (piece := await job.next_piece(tier)) is not None:
             try:
-                pos = 0
-                view = piece.block.view
-                for (index, start, n), chunk in zip(piece.segments, piece.chunks, strict=True):
-                    slot = job.layout.slots[index]
-                    meta = TensorMeta(slot.path, slot.dtype, slot.shape, n, (chunk,))
-                    raw = view[pos:pos + n]
-                    if index not in choices:  # one codec per tensor, chosen on its first piece
-                        choices[index] = await self._choose(
-                            tier, st, replace(meta, nbytes=slot.nbytes), raw, None)
-                    codec, est, decided = choices[index]
-                    chunks = await self._store(writer, st, meta, raw, {piece.name: view}, codec,
-                                               None, None, raw_offset=start)
-                    await writer.end_tensor()
-                    out.add(meta, codec, est, decided, chunks)
-                    by_slot.setdefault(index, []).extend(chunks)
-                    pos += n
-                await writer.drain()
+                await self._write_piece(tier, st, job, piece, writer, out, by_slot, choices)
             finally:
                 await piece.release()
         if job.error is not None:
@@ -360,6 +344,30 @@ class FlushScheduler:
                        tuple(sorted(by_slot.get(i, []), key=lambda c: c.raw_offset)))
             for i, s in enumerate(job.layout.slots))
         return await writer.finish()
+
+    async def _write_piece(self, tier: str, st: _TierState, job: StreamJob, piece: Piece,
+                           writer: BatchWriter, out: _Written,
+                           by_slot: dict[int, list[ChunkMeta]],
+                           choices: dict[int, tuple[str, float | None, bool]]) -> None:
+        """Write one piece (its views of the block end with this call, so that the block's
+        mapping can go to the pool once every tier wrote the piece)."""
+        pos = 0
+        view = piece.block.view
+        for (index, start, n), chunk in zip(piece.segments, piece.chunks, strict=True):
+            slot = job.layout.slots[index]
+            meta = TensorMeta(slot.path, slot.dtype, slot.shape, n, (chunk,))
+            raw = view[pos:pos + n]
+            if index not in choices:  # one codec per tensor, chosen on its first piece
+                choices[index] = await self._choose(
+                    tier, st, replace(meta, nbytes=slot.nbytes), raw, None)
+            codec, est, decided = choices[index]
+            chunks = await self._store(writer, st, meta, raw, {piece.name: view}, codec,
+                                       None, None, raw_offset=start)
+            await writer.end_tensor()
+            out.add(meta, codec, est, decided, chunks)
+            by_slot.setdefault(index, []).extend(chunks)
+            pos += n
+        await writer.drain()
 
     async def _store(self, writer: BatchWriter, st: _TierState, meta: TensorMeta,
                      raw: memoryview, views: Mapping[str, memoryview], codec: str,

@@ -4,9 +4,10 @@ A checkpoint is staged whole only if two fit the host budget (the newest committ
 while the next is copied). A larger state is copied in pieces of a quarter of the budget; each
 piece is checksummed once and handed to the flush worker of every scheduled downstream tier as
 part of one ``StreamJob``, where it is compressed and batched like any other save
-(``FlushScheduler``), then freed once every tier wrote it. The training thread waits while the
-budget is full: that wait is the stall. Each tier commits its manifest once every piece is
-written there.
+(``FlushScheduler``), then freed into the host tier's pool once every tier wrote it, still
+mapped: every piece has a block of the same size, so the next save's pieces are copied into
+pages that are already faulted in. The training thread waits while the budget is full: that
+wait is the stall. Each tier commits its manifest once every piece is written there.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ class Piece:
     readers: int
 
     async def release(self) -> None:
-        """One tier is done with this piece; the last one frees its host memory."""
+        """One tier is done with this piece; the last one frees its block into the host
+        tier's pool, where the same piece of the next save is staged through its pages."""
         self.readers -= 1
         if self.readers == 0:
-            await self.block.abort()
+            await self.block.free()
 
 
 @dataclass
@@ -121,14 +123,16 @@ def save_in_pieces(committer: Committer, prep: Prepared) -> Steps[SaveHandle]:
     try:
         for count, segments in enumerate(prep.layout.pieces(piece_bytes), 1):
             name = piece_name(prep.save_id, count - 1)
-            block: HostBlock = yield host.reserve(step_key(prep.step, name),
-                                                  sum(n for _, _, n in segments))
+            # every piece in a block of the same size (the last one too): a freed piece's
+            # block, still mapped, then takes any piece of the next save
+            block: HostBlock = yield host.reserve(step_key(prep.step, name), piece_bytes)
             target = block_tensor(block.view)
             pos = 0
             for slot_index, start, n in segments:
                 src = prep.tensors[slot_index].detach().contiguous().reshape(-1)
                 target[pos:pos + n].copy_(src.view(torch.uint8)[start:start + n])
                 pos += n
+            del target  # a live view would keep the block's mapping from going to the pool
             yield job.add(name, block, segments)
     except BaseException as e:
         job.error = e

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -171,6 +172,49 @@ def test_a_state_four_times_the_host_budget_streams_through(tmp_path: Path) -> N
             p.zero_()
     with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
         assert ckpt.restore_sync() == 5
+    assert_same(expected, model.state_dict())
+
+
+def test_streamed_saves_stage_each_piece_through_the_blocks_the_last_save_freed(
+        tmp_path: Path) -> None:
+    """Pieces go to the host tier's pool once every tier wrote them, and the next save's
+    pieces are staged in the same shared memory: no save after the first maps fresh pages."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])  # 2.1 MB
+    state_bytes = sum(p.nbytes for p in model.parameters())
+    policy = _write(tmp_path, f"""
+        [[tier]]
+        name = "host"
+        url = "shm://stream-reuse"
+        capacity = {state_bytes // 2}
+        [[tier]]
+        name = "disk"
+        url = "file:disk"
+    """)
+
+    def pooled_files(host: Any) -> set[int]:
+        pool = host.directory / ".free"
+        return {(pool / n).stat().st_ino for n in os.listdir(pool)}
+
+    with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
+        first = ckpt.save_sync(1)
+        first.durable("disk").wait(60)
+        assert first.metrics["mode"] == "streaming" and first.metrics["pieces"] >= 4
+        files = pooled_files(ckpt.host)
+        assert files and ckpt.host.pooled_bytes == ckpt.host.used_bytes
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        expected = copy.deepcopy(model.state_dict())
+        second = ckpt.save_sync(2)
+        second.durable("disk").wait(60)
+        assert second.metrics["mode"] == "streaming"
+        assert pooled_files(ckpt.host) == files
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
+        assert ckpt.restore_sync() == 2
     assert_same(expected, model.state_dict())
 
 

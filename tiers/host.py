@@ -5,8 +5,9 @@
 process opening the same URL reads them), and are gone at reboot: this is the fast tier.
 
 The checkpoint engine stages into :meth:`HostTier.reserve` blocks and copies tensors straight
-into their memory. Deleted blocks go to a free pool (``.free/``) and are renamed back into use
-by a later reservation of the same size, so steady-state checkpoints touch no fresh pages.
+into their memory. Deleted keys, and blocks freed uncommitted once done with
+(:meth:`HostBlock.free`), go to a free pool (``.free/``) and are renamed back into use by a
+later reservation of the same size, so steady-state checkpoints touch no fresh pages.
 
 One instance is expected to be the only writer of its directory: the byte budget and the
 mapping cache are per instance. An overwrite holds the old and the new value until its
@@ -125,6 +126,12 @@ class HostBlock:
     async def abort(self) -> None:
         """Drop the block and release its bytes; no-op once committed or aborted."""
         await self._tier._abort_block(self)
+
+    async def free(self) -> None:
+        """Drop the block's bytes, done with, into the free pool (still mapped, unless a view
+        of it is alive), where a later block of the same size is staged through its pages;
+        no-op once committed or aborted."""
+        await self._tier._abort_block(self, pool=True)
 
     def on_close(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` once when the block is committed or aborted, before its view is released
@@ -524,22 +531,54 @@ class HostTier(Tier):
         makedirs_durable(self._dir, key.rpartition("/")[0], fsync=False)
         os.rename(tmp, self._dir / key)
 
-    async def _abort_block(self, block: HostBlock) -> None:
+    async def _abort_block(self, block: HostBlock, pool: bool = False) -> None:
         if block._state != "open":
             return
         block._state = "aborted"
         self._blocks.discard(block)
         block._run_on_close()
         block._release_view()
-        if block._mapping is not None:
-            self._let_go(block._mapping)
+        mapping = block._mapping
+        kept = mapping if pool and mapping is not None and _unexported(mapping) else None
+        if mapping is not None and kept is None:
+            self._let_go(mapping)
+        # pooled only with its mapping: pages a live view still shows are not handed on
+        pool_path = (self._pool_dir / secrets.token_hex(8)
+                     if kept is not None and not self._closed else None)
+        pooled = False
         try:
-            await finish_even_if_cancelled(asyncio.to_thread(
-                _free_all, self.name, [block._tmp_path], []))
-            await finish_even_if_cancelled(asyncio.to_thread(
-                prune_empty_dirs, self._dir, block._tmp_path.parent))
+            _, pooled = await finish_even_if_cancelled(asyncio.to_thread(
+                self._remove, block._tmp_path, pool_path))
+        except FileNotFoundError:
+            pass
         finally:
-            self._release(block.nbytes)
+            if kept is not None and not pooled:
+                self._let_go(kept)
+            self._reserved -= block.nbytes
+            if pooled and pool_path is not None:
+                self._to_pool(block.nbytes, pool_path, kept)
+            self._notify()
+        if pooled:
+            await self._trim_pool()
+
+    def _to_pool(self, size: int, path: Path, mapping: mmap.mmap | None) -> None:
+        self._pool.append((size, path, self._pool_arrivals, mapping))
+        self._pool_arrivals += 1
+        self._pooled += size
+
+    async def _trim_pool(self) -> None:
+        """After a block joined the pool: unlink what is over ``pool_max_bytes`` and blocks of
+        sizes no longer asked for; then wake the reservations waiting for budget."""
+        if self.pool_max_bytes is not None and self._pooled > self.pool_max_bytes:
+            await self._evict_pool(self._pooled - self.pool_max_bytes)
+        stale = 0
+        for size, _, arrival, _ in self._pool:
+            if self._pool_arrivals - arrival <= POOL_STALE_AFTER:
+                break
+            stale += size
+        if stale:
+            await self._evict_pool(stale)
+        self._notify()
 
     def _drop_mapping(self, key: str) -> bool:
         """Forget the cached mapping of ``key``; True when it was unmapped (no views remain)."""
@@ -649,22 +688,11 @@ class HostTier(Tier):
             if old is not None:
                 self._committed -= old
             if pooled and pool_path is not None:
-                self._pool.append((size, pool_path, self._pool_arrivals, kept))
-                self._pool_arrivals += 1
-                self._pooled += size
+                self._to_pool(size, pool_path, kept)
             elif kept is not None:
                 self._let_go(kept)
             self._epoch += 1
-        if self.pool_max_bytes is not None and self._pooled > self.pool_max_bytes:
-            await self._evict_pool(self._pooled - self.pool_max_bytes)
-        stale = 0
-        for size, _, arrival, _ in self._pool:
-            if self._pool_arrivals - arrival <= POOL_STALE_AFTER:
-                break
-            stale += size
-        if stale:
-            await self._evict_pool(stale)
-        self._notify()
+        await self._trim_pool()
 
     def _remove(self, path: Path, pool_path: Path | None) -> tuple[int, bool]:
         """Move ``path`` into the free pool (or unlink it); returns (size, pooled)."""

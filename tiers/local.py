@@ -24,7 +24,7 @@ import mmap
 import os
 import stat as stat_mod
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -144,6 +144,10 @@ class LocalTier(Tier):
             await finish_even_if_cancelled(asyncio.to_thread(self._write, key, path, parts))
         except OSError as exc:
             raise self._fail("put", key, exc) from exc
+        finally:
+            # the write is over, but the pool's worker may hold its arguments a moment longer:
+            # the views go now (a host block whose views are all gone is reused, still mapped)
+            parts.clear()
 
     def _write(self, key: str, path: Path, parts: Sequence[memoryview]) -> None:
         tmp = tmp_name(path)
@@ -286,17 +290,29 @@ def _open_regular(path: Path) -> int:
     return fd
 
 
-class _Bounce(threading.local):
-    """A page-aligned buffer per writing thread (mapped once, reused by every write)."""
+class _Bounces:
+    """Page-aligned buffers, one per write in progress: mapped when more writes than ever
+    before run at once, then kept for the next writes, their pages faulted in (one per
+    thread would map one for every thread of the pool that ever wrote)."""
 
-    def get(self) -> memoryview:
-        buf = getattr(self, "buf", None)
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[memoryview] = []
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[memoryview]:
+        with self._lock:
+            buf = self._free.pop() if self._free else None
         if buf is None:
-            self.buf = buf = memoryview(mmap.mmap(-1, _BOUNCE_BYTES))
-        return buf
+            buf = memoryview(mmap.mmap(-1, _BOUNCE_BYTES))
+        try:
+            yield buf
+        finally:
+            with self._lock:
+                self._free.append(buf)
 
 
-_bounce = _Bounce()
+_bounces = _Bounces()
 
 
 def buffer_address(view: memoryview) -> int:
@@ -311,38 +327,38 @@ def _write_direct(fd: int, parts: Sequence[memoryview]) -> bool:
     the filesystem refuses O_DIRECT."""
     if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
         return False
-    bounce = _bounce.get()
-    held = 0  # bytes in the bounce buffer, not yet written
-    size = 0
-    try:
-        for part in parts:
-            view = flat_bytes(part)
-            while view.nbytes:
-                if held == 0 and view.nbytes >= DIRECT_ALIGN and \
-                        buffer_address(view) % DIRECT_ALIGN == 0:
-                    n = view.nbytes - view.nbytes % DIRECT_ALIGN
-                    _write_all(fd, [view[:n]])
-                    view = view[n:]
-                    size += n
-                    continue
-                n = min(view.nbytes, bounce.nbytes - held)
-                # numpy's copy releases the GIL (the event loop runs on while it copies)
-                np.copyto(np.frombuffer(bounce, np.uint8)[held:held + n],
-                          np.frombuffer(view, np.uint8)[:n])
-                view, held, size = view[n:], held + n, size + n
-                if held == bounce.nbytes:
-                    _write_all(fd, [bounce])
-                    held = 0
-        if held:
-            padded = -(-held // DIRECT_ALIGN) * DIRECT_ALIGN
-            bounce[held:padded] = bytes(padded - held)
-            _write_all(fd, [bounce[:padded]])
-            os.ftruncate(fd, size)
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            return False  # the filesystem takes no O_DIRECT writes (or not at this alignment)
-        raise
-    return True
+    with _bounces.held() as bounce:
+        held = 0  # bytes in the bounce buffer, not yet written
+        size = 0
+        try:
+            for part in parts:
+                view = flat_bytes(part)
+                while view.nbytes:
+                    if held == 0 and view.nbytes >= DIRECT_ALIGN and \
+                            buffer_address(view) % DIRECT_ALIGN == 0:
+                        n = view.nbytes - view.nbytes % DIRECT_ALIGN
+                        _write_all(fd, [view[:n]])
+                        view = view[n:]
+                        size += n
+                        continue
+                    n = min(view.nbytes, bounce.nbytes - held)
+                    # numpy's copy releases the GIL (the event loop runs on while it copies)
+                    np.copyto(np.frombuffer(bounce, np.uint8)[held:held + n],
+                              np.frombuffer(view, np.uint8)[:n])
+                    view, held, size = view[n:], held + n, size + n
+                    if held == bounce.nbytes:
+                        _write_all(fd, [bounce])
+                        held = 0
+            if held:
+                padded = -(-held // DIRECT_ALIGN) * DIRECT_ALIGN
+                bounce[held:padded] = bytes(padded - held)
+                _write_all(fd, [bounce[:padded]])
+                os.ftruncate(fd, size)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return False  # the filesystem takes no O_DIRECT writes (or not at this alignment)
+            raise
+        return True
 
 
 def _write_all(fd: int, parts: Sequence[memoryview]) -> None:

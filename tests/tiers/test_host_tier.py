@@ -14,6 +14,7 @@ import pytest
 
 import tiers
 from tiers import HostTier, KeyNotFound, TierError
+from tiers.local import buffer_address
 
 REPO = Path(tiers.__file__).resolve().parents[1]
 
@@ -202,6 +203,33 @@ async def test_a_freed_block_is_reused_through_its_mapping_with_its_pages_still_
     reused.view[:1] = b"b"
     await reused.commit()
     assert (await tier.get("b", 0, 2)) == b"ba"
+    await tier.destroy()
+
+
+async def test_a_block_done_with_is_freed_into_the_pool_and_stages_the_next_one_mapped(
+) -> None:
+    """A streamed save's pieces are freed once written, never committed: the next save's
+    pieces of the same size are staged through their mappings, not mapped afresh."""
+    size = 8 << 20
+    tier = HostTier("shm://free")
+    piece = await tier.reserve("s1/piece-0", size)
+    piece.view[:] = b"p" * size
+    address = buffer_address(piece.view)
+    await piece.free()
+    assert (tier.reserved_bytes, tier.pooled_bytes, tier.used_bytes) == (0, size, size)
+    assert await tier.list() == []
+    await piece.free()  # once freed, a no-op
+    await piece.abort()
+    assert tier.pooled_bytes == size
+    again = await tier.reserve("s2/piece-0", size)
+    assert buffer_address(again.view) == address and bytes(again.view[:1]) == b"p"
+    assert tier.pooled_bytes == 0
+    viewed = again.view[:4]  # a view still alive: its pages are not handed on
+    await again.free()
+    assert (tier.pooled_bytes, tier.used_bytes) == (0, 0)
+    assert bytes(viewed) == b"pppp"
+    viewed.release()
+    assert os.listdir(tier.directory) == [".free"] and not os.listdir(tier.directory / ".free")
     await tier.destroy()
 
 

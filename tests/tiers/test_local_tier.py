@@ -9,12 +9,13 @@ import itertools
 import mmap
 import os
 import random
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tiers import LocalTier, TierError
+from tiers import LocalTier, TierError, local
 
 
 def files_under(root: Path) -> list[str]:
@@ -85,6 +86,32 @@ async def test_durable_writes_bypass_the_page_cache_and_store_the_bytes_exactly(
     assert (tmp_path / "step" / "k.bin").read_bytes() == want
     assert await tier.get("step/k.bin") == want
     assert tier.direct == _direct_supported(tmp_path)  # O_DIRECT stayed on where it works
+
+
+def test_bounce_buffers_are_shared_by_the_writing_threads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One bounce buffer per write in flight, not one per thread that ever wrote: each holds
+    4 MiB of faulted-in memory."""
+    bounces = local._Bounces()
+    monkeypatch.setattr(local, "_bounces", bounces)
+    payload = random.Random(7).randbytes(1 << 20)  # unaligned: all of it through the bounce
+
+    async def put(key: str, n: int = 1) -> None:
+        tier = LocalTier(tmp_path.as_uri())
+        await asyncio.gather(*(tier.put(f"{key}-{i}.bin", [payload]) for i in range(n)))
+
+    for i in range(4):  # each on a new event loop: a new worker thread writes
+        writer = threading.Thread(target=asyncio.run, args=(put(f"one/{i}"),))
+        writer.start()
+        writer.join()
+    sequential = len(bounces._free)
+    asyncio.run(put("many", 3))
+    for i in range(4):
+        assert (tmp_path / "one" / f"{i}-0.bin").read_bytes() == payload
+    if _direct_supported(tmp_path):
+        assert sequential == 1 and 1 <= len(bounces._free) <= 3, sequential
+    else:
+        assert len(bounces._free) == 0
 
 
 async def test_a_direct_write_failing_midway_leaves_no_key_and_no_tmp_file(
