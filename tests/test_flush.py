@@ -34,6 +34,17 @@ def _write(tmp_path: Path, body: str) -> Path:
     return path
 
 
+def _assert_restores(model: torch.nn.Module, policy: Path, step: int,
+                     expected: dict[str, torch.Tensor]) -> None:
+    """A fresh checkpointer restores ``step`` into ``model`` (zeroed first), bit for bit."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
+        assert ckpt.restore_sync() == step
+    assert_same(expected, model.state_dict())
+
+
 def _stream_policy(tmp_path: Path, name: str, capacity: int, extra: str = "") -> Path:
     """A host tier of ``capacity`` bytes (smaller than two states: saves stream) + a disk."""
     return _write(tmp_path, f"""
@@ -172,12 +183,7 @@ def test_a_state_four_times_the_host_budget_streams_through(tmp_path: Path) -> N
         assert h.tiers == ("disk",) and h.metrics["mode"] == "streaming"
         assert h.metrics["pieces"] >= 4
     assert 0 < peak <= budget
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-    with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
-        assert ckpt.restore_sync() == 5
-    assert_same(expected, model.state_dict())
+    _assert_restores(model, policy, 5, expected)
 
 
 def test_streamed_saves_stage_each_piece_through_the_blocks_the_last_save_freed(
@@ -211,12 +217,7 @@ def test_streamed_saves_stage_each_piece_through_the_blocks_the_last_save_freed(
         reused = pooled_files(ckpt.host)
         assert files <= reused and len(reused) <= 4, (files, reused)
         assert ckpt.host.used_bytes <= ckpt.host.capacity_bytes
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-    with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
-        assert ckpt.restore_sync() == 2
-    assert_same(expected, model.state_dict())
+    _assert_restores(model, policy, 2, expected)
 
 
 def test_a_tier_failing_every_write_stops_nothing_else(tmp_path: Path) -> None:
@@ -451,9 +452,4 @@ def test_a_streamed_state_is_compressed_and_batched_like_any_other(tmp_path: Pat
     assert man.stored_bytes < state_bytes
     assert len(man.files) < len(man.tensors)  # small tensors share batch files
     assert man.info["streamed"] is True and man.info["compression"]["stored_bytes"] > 0
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-    with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
-        assert ckpt.restore_sync() == 2
-    assert_same(expected, model.state_dict())
+    _assert_restores(model, policy, 2, expected)
