@@ -242,6 +242,7 @@ class Committer:
             comp = job.handle.metrics.get(f"{tier}.compression", {})
             self._bases[tier][job.manifest.step] = kept_bases(comp)
             self.topology.resolve(job.handle, tier, None)
+            self.stage.flushed(job.manifest.step, job.handle.durable(tier))
             await self.retain(self.tiers[tier])
         else:
             self.fail(job.handle, (tier,), error)
@@ -269,7 +270,7 @@ class Committer:
         async with self._retain_lock(tier):
             try:
                 await self.topology.retain(
-                    tier, self.policy.tier(tier.name).keep,
+                    tier, self.policy.tier(tier.name).retained,
                     pinned=self.stage.pinned() if staging else (),
                     bases=not staging and self.policy.compression.mode != "off",
                     cache=self._bases[tier.name])

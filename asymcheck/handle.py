@@ -38,6 +38,10 @@ class Completion:
         """The failure of a finished event, None if it succeeded or is still pending."""
         return self._fut.exception() if self._fut.done() else None
 
+    def on_done(self, fn: Callable[[bool], None]) -> None:
+        """Call ``fn(succeeded)`` once done: in the thread that completes it, or now."""
+        self._fut.add_done_callback(lambda f: fn(f.exception() is None))
+
     def set_done(self) -> None:
         if not self._fut.done():
             self._fut.set_result(None)

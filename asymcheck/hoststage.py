@@ -13,6 +13,10 @@ still read by a flush to an ``on_full = "wait"`` tier, the next save waits for t
 (backpressure, part of its stall) rather than map one more block, so the host holds its kept
 checkpoints, the delta bases, and one block more. A flush to an ``on_full = "skip"`` tier never
 makes a save wait: its host copy may hold one more block, within the tier's byte budget.
+With ``keep = 0`` no spare is reserved: the host holds its newest copy (a restore reads it)
+until the next save, which takes that copy's block if a tier below holds the copy and nothing
+reads it any more, else maps one of its own; with checkpoints further apart than a flush the
+host then holds one block, not two.
 For CUDA state the spare is page-locked there too, off the training thread: a device-to-host
 copy into pageable memory would block the training thread for the whole transfer. A mapping
 stays page-locked until the host tier unmaps it, so a block reused from the pool is locked
@@ -33,6 +37,7 @@ from typing import Any
 from tiers.host import HostBlock, HostTier
 from tiers.local import buffer_address
 
+from .handle import Completion
 from .layout import spare_key
 from .manifest import committed_steps
 from .retention import delete_step
@@ -48,7 +53,11 @@ class HostStage:
     def __init__(self, host: HostTier, lock: asyncio.Lock,
                  on_unpinned: Callable[[], Awaitable[None]], keep: int = 1) -> None:
         self.host = host
-        self.keep = keep  # the host tier's kept checkpoints (its policy's ``keep``)
+        # the host tier's kept checkpoints (its policy's ``keep``; 0: the newest, until the
+        # next save takes its block)
+        self.keep = max(keep, 1)
+        self.reuse_newest = keep == 0
+        self._flushed: set[int] = set()  # host copies a tier below holds
         self.page_lock = False  # CUDA state: blocks are page-locked for device copies
         self._lock = lock  # the host tier's retention lock: eviction deletes under it
         self._on_unpinned = on_unpinned
@@ -121,6 +130,17 @@ class HostStage:
             del self._base_pins[step]
         await self.unpin(step)
 
+    def flushed(self, step: int, durable: Completion) -> None:
+        """``step`` was flushed to a tier below: with ``keep = 0`` its host copy may go once
+        it is committed there (``durable``: with several ranks, once every rank's shard is)."""
+        if not self.reuse_newest:
+            return
+
+        def done(ok: bool) -> None:
+            if ok:
+                self._loop.call_soon_threadsafe(self._flushed.add, step)
+        durable.on_done(done)
+
     def _flushing_before(self, step: int) -> bool:
         """Whether a host copy older than ``step`` is pinned for something other than a delta
         base (a flush, a commit): retention frees its block soon."""
@@ -142,7 +162,10 @@ class HostStage:
         that holds a copy retention would free is done (:meth:`_await_flushed`), the spare
         reserved since, or the reservation of one still in flight (a second block beside it
         would hold one more copy of the state in shared memory until it is given back), else
-        a new one."""
+        a new one. With ``keep = 0``, the newest host copy's block if it may go
+        (:meth:`_give_up_held`)."""
+        if self.reuse_newest:
+            await self._give_up_held()
         await self._await_flushed(nbytes, metrics)
         cap = self.host.capacity_bytes
         with self._spare_lock:
@@ -180,6 +203,17 @@ class HostStage:
             metrics["backpressure_s"] = (metrics.get("backpressure_s", 0.0)
                                          + time.perf_counter() - t0)
 
+    async def _give_up_held(self) -> None:
+        """``keep = 0``: delete the host copies a tier below holds and nothing reads (no flush,
+        no delta base), so that their blocks go to the pool, still mapped, for this save."""
+        async with self._lock:
+            steps = await committed_steps(self.host)
+            self._flushed.intersection_update(steps)
+            for s in steps:
+                if s in self._flushed and not self._pins[s]:
+                    await delete_step(self.host, s)
+                    self._flushed.discard(s)
+
     def copying(self, block: HostBlock) -> None:
         """``block`` is a save's, until it is committed or aborted (any thread)."""
         with self._spare_lock:
@@ -200,11 +234,11 @@ class HostStage:
         that the host never holds a spare beside a block being copied and the checkpoints it
         keeps; and not while a host copy older than the newest committed one is still being
         flushed with no freed block of ``nbytes`` pooled (:meth:`retained` asks again once it
-        is deleted)."""
+        is deleted). Never with ``keep = 0``: the next save takes the newest copy's block."""
         with self._spare_lock:
             self._deferred = None
-            if (self._closed or self._spare is not None or self._spare_wanted is not None
-                    or self._copying):
+            if (self._closed or self.reuse_newest or self._spare is not None
+                    or self._spare_wanted is not None or self._copying):
                 return
             if not self.host.has_pooled(nbytes) and self._flushing_before(self._newest):
                 self._deferred = nbytes

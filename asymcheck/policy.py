@@ -1,7 +1,7 @@
 """The tier policy file (TOML) as validated, frozen dataclasses.
 
 Every error is one line naming the file and the key, e.g.
-``tiers.toml: tier[1].keep: must be an integer >= 1, got 0``.
+``tiers.toml: tier[1].keep: must be an integer >= 1 (0 only on the shm:// host tier), got 0``.
 
 A policy whose first tier is not in shared memory gets a host stage in front of it, so a
 policy of one ``file://`` tier is enough to save to local disk.
@@ -56,6 +56,13 @@ class TierPolicy:
     @property
     def scheme(self) -> str:
         return urlparse(self.url).scheme
+
+    @property
+    def retained(self) -> int:
+        """How many committed checkpoints retention keeps here: ``keep``, and never fewer than
+        the newest. The host tier's ``keep = 0`` keeps its newest copy only until the next
+        save takes its block (once a tier below holds it, see ``hoststage``)."""
+        return max(self.keep, 1)
 
 
 @dataclass(frozen=True)
@@ -201,8 +208,10 @@ def _parse_tier(raw: Any, where: str, fail: Any, base_dir: Path | None) -> TierP
     ints = {}
     for key, default in (("keep", 1), ("every", 1)):
         v = raw.get(key, default)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise fail(f"{where}.{key}", f"must be an integer >= 1, got {v!r}")
+        least = 0 if key == "keep" and scheme == "shm" else 1
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            hint = " (0 only on the shm:// host tier)" if key == "keep" and least else ""
+            raise fail(f"{where}.{key}", f"must be an integer >= {least}{hint}, got {v!r}")
         ints[key] = v
     on_full = raw.get("on_full", "wait")
     if on_full not in ("wait", "skip"):

@@ -554,10 +554,11 @@ class AsymCheckMethod(Method):
 
     def __init__(self, name: str, mode: str, policy_extra: str = "",
                  host_capacity_states: float = 4, warmup_iterations: int = 5, *,
-                 local: dict[str, Any] | None = None,
+                 host_keep: int = 1, local: dict[str, Any] | None = None,
                  compression: dict[str, Any] | None = None) -> None:
         self.name, self.mode, self.policy_extra = name, mode, policy_extra
         self.host_capacity_states = host_capacity_states
+        self.host_keep = host_keep
         self.warmup_iterations = warmup_iterations
         self.local = dict(local or {})
         self.compression = dict(compression or {})
@@ -576,7 +577,7 @@ class AsymCheckMethod(Method):
 name = "host"
 url = "shm://asymcheck-bench-{uuid.uuid4().hex[:8]}"
 capacity = {cap}
-keep = 1
+keep = {self.host_keep}
 [[tier]]
 name = "local"
 url = "file://{self.workdir / 'local'}"

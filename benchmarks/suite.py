@@ -75,22 +75,23 @@ NA = "-"  # no figure
 MIN_WARMUP = 7  # AsymCheck profiles 5 iterations; every method gets the same warm-up
 
 
-def methods(host_states: float) -> list[Method]:
+def methods(host_states: float, host_keep: int = 1) -> list[Method]:
     off = {"batch": "off"}
     auto = {"mode": "auto"}
+
+    def asym(name: str, mode: str, local: dict[str, Any],
+             compression: dict[str, Any]) -> AsymCheckMethod:
+        return AsymCheckMethod(name, mode, local=local, compression=compression,
+                               host_capacity_states=host_states, host_keep=host_keep)
     return [
         NoCheckpoint(),
         TorchSave(),
         DcpAsync(),
         *best_peers(),
-        AsymCheckMethod("naive", "naive", local=off, compression={"mode": "off"},
-                        host_capacity_states=host_states),
-        AsymCheckMethod("asym", "asym", local=off, compression={"mode": "off"},
-                        host_capacity_states=host_states),
-        AsymCheckMethod("asym+S", "asym", local=off, compression=auto,
-                        host_capacity_states=host_states),
-        AsymCheckMethod("asym+S+O", "asym", local={"batch": "auto"}, compression=auto,
-                        host_capacity_states=host_states),
+        asym("naive", "naive", off, {"mode": "off"}),
+        asym("asym", "asym", off, {"mode": "off"}),
+        asym("asym+S", "asym", off, auto),
+        asym("asym+S+O", "asym", {"batch": "auto"}, auto),
     ]
 
 
@@ -211,7 +212,7 @@ def run_model(args: argparse.Namespace, model: str) -> Path:
         rows: list[dict[str, Any]] = []
         out["runs"].append({"every": every, "warmup": warmup, "iterations": timed,
                             "rounds": args.rounds, "methods": rows})
-        chosen = [m for m in methods(args.host_states)
+        chosen = [m for m in methods(args.host_states, args.host_keep)
                   if not args.methods or m.name in args.methods]
         done: dict[str, list[RunResult]] = {m.name: [] for m in chosen}
         failed: dict[str, dict[str, Any]] = {}
@@ -735,6 +736,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--host-states", type=float, default=None,
                    help="AsymCheck host tier budget in checkpoints (default 5; 3 with gpu-1b)")
+    p.add_argument("--host-keep", type=int, choices=[0, 1], default=1,
+                   help="AsymCheck host tier keep: 1 holds the newest checkpoint beside the "
+                        "save being staged, 0 lets the next save take its block (default 1)")
     p.add_argument("--run-timeout", type=float, default=600,
                    help="seconds one method's run may take before the model's process is "
                         "ended with every thread's stack printed (default 600)")

@@ -281,9 +281,9 @@ def test_user_errors_exit_2_with_one_line_on_stderr(
         capsys: pytest.CaptureFixture[str], saved: dict[str, Any], policy_file: Path,
         tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text('[[tier]]\nname = "host"\nurl = "shm://x"\nkeep = 0\n')
+    bad.write_text('[[tier]]\nname = "host"\nurl = "shm://x"\nkeep = -1\n')
     cases = [
-        (["ls", "--policy", str(bad)], "bad.toml: tier[0].keep: must be an integer >= 1"),
+        (["ls", "--policy", str(bad)], "bad.toml: tier[0].keep: must be an integer >= 0"),
         (["verify", "99", "--policy", str(policy_file)],
          "step 99 is not committed on tier(s) host, local (committed: 1, 2, 3)"),
         (["inspect", "latest", "--tier", (tmp_path / "empty").as_uri()],
@@ -311,10 +311,12 @@ def committed(local: Path) -> list[int]:
     return sorted(int(p.parent.name[5:]) for p in local.glob("step-*/manifest.msgpack"))
 
 
+@pytest.mark.parametrize("keep_host", [1, 0])  # 0: the newest stays until the next save
 def test_gc_applies_keep_and_drops_old_uncommitted_dirs(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path, local: Path, shm_root: Path) -> None:
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, local: Path, shm_root: Path,
+        keep_host: int) -> None:
     save_steps(write_policy(tmp_path / "save.toml", "asymcheck-gc", local), [1, 2, 3, 4])
-    gc_policy = write_policy(tmp_path / "gc.toml", "asymcheck-gc", local, keep_host=1,
+    gc_policy = write_policy(tmp_path / "gc.toml", "asymcheck-gc", local, keep_host=keep_host,
                              keep_local=2)
     for step in (0, 9):  # a crashed save before the newest commit, and one maybe in flight
         (local / f"step-{step:012d}").mkdir()

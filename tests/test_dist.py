@@ -6,7 +6,9 @@ with the test's own shared-memory root in their environment.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 import asymcheck
+import tiers.host
 from asymcheck.layout import host_shard_url, manifest_key, shard_manifest_key
 from asymcheck.manifest import Manifest
 from tests import _ranks
@@ -38,6 +41,13 @@ class Net(torch.nn.Module):
 
 def _policy(work: Path) -> asymcheck.Policy:
     return asymcheck.default_policy(work / "checkpoints")
+
+
+def _keep_0_policy(work: Path) -> asymcheck.Policy:
+    """The default policy with host ``keep = 0``: a save takes over the newest copy's block."""
+    policy = _policy(work)
+    host, *rest = policy.tiers
+    return dataclasses.replace(policy, tiers=(dataclasses.replace(host, keep=0), *rest))
 
 
 def _ddp_training(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
@@ -80,6 +90,49 @@ def _scenario_ddp_save(rank: int, work: Path) -> None:
                    work / f"expected-{rank}.pt")
         _ddp_step(model, opt, sched)  # the live state moves on; step 4 stays the newest
     print(f"SAVED {rank}", flush=True)
+
+
+def _scenario_ddp_keep_0(rank: int, work: Path) -> None:
+    """Host keep = 0, each save flushed before the next: every save after the first stages
+    into the block of the newest host copy, on every rank; step 3 restores from there, and
+    from disk on a rank whose host copy is gone (a crash as its next save took it over)."""
+    model, opt, sched = _ddp_training(seed=0)
+    torch.manual_seed(100 + rank)
+    policy = _keep_0_policy(work)
+    with asymcheck.Checkpointer(model, opt, policy=policy, extras={"sched": sched},
+                                replicated=("model",), mode="naive") as ckpt:
+        inodes = set()
+        for step in range(4):
+            _ddp_step(model, opt, sched)
+            ckpt.save_sync(step).wait_all_sync(60)
+            ckpt.wait_idle_sync()
+            inodes |= {p.stat().st_ino for p in ckpt.host.directory.glob("step-*/data-*")}
+        expected = _state(model, [opt], sched)
+        assert _steps(ckpt.host.directory, "step-*/manifest.msgpack") == [3]
+    assert len(inodes) == 1, f"rank {rank} staged into {len(inodes)} blocks"
+    model, opt, sched = _ddp_training(seed=7)
+    with asymcheck.Checkpointer(model, opt, policy=policy, extras={"sched": sched},
+                                replicated=("model",)) as ckpt:
+        loaded = ckpt.load_sync()
+        assert loaded is not None and loaded.step == 3
+        assert set(loaded.sources) == {policy.staging.name}, loaded.sources
+        assert ckpt.restore_sync() == 3
+    assert_same(expected, _state(model, [opt], sched))
+    # a crash as rank 1's next save had taken over its host copy: the disk's copy restores
+    if rank == 1:
+        shard = host_shard_url(policy.staging.url, rank).removeprefix("shm://")
+        shutil.rmtree(tiers.host.shm_root() / shard / "step-000000000003")
+    torch.distributed.barrier()
+    model, opt, sched = _ddp_training(seed=8)
+    with asymcheck.Checkpointer(model, opt, policy=policy, extras={"sched": sched},
+                                replicated=("model",)) as ckpt:
+        loaded = ckpt.load_sync()
+        assert loaded is not None and loaded.step == 3
+        # rank 1 reads its shard from disk (rank 0's model, shared, from memory)
+        assert ("local" in loaded.sources) == (rank == 1), loaded.sources
+        assert ckpt.restore_sync() == 3
+    assert_same(expected, _state(model, [opt], sched))
+    print(f"RESTORED {rank}", flush=True)
 
 
 def _scenario_ddp_restore(rank: int, work: Path) -> None:
@@ -180,7 +233,7 @@ def _scenario_crash_restore(rank: int, work: Path) -> None:
 SCENARIOS: dict[str, Callable[[int, Path], None]] = {
     "ddp-save": _scenario_ddp_save, "ddp-restore": _scenario_ddp_restore,
     "sharded": _scenario_sharded, "crash": _scenario_crash,
-    "crash-restore": _scenario_crash_restore,
+    "crash-restore": _scenario_crash_restore, "ddp-keep-0": _scenario_ddp_keep_0,
 }
 
 
@@ -265,6 +318,14 @@ def test_ddp_checkpoint_restores_bit_exact_on_every_rank_and_writes_the_model_on
     assert [r["sections"].get("model", 0) for r in man.info["ranks"]] == written
     assert [s.info["rank"] for s in shards] == [0, 1]
     _ok(_spawn("ddp-restore", tmp_path), "RESTORED")
+
+
+def test_with_host_keep_0_each_rank_stages_every_save_in_one_block(
+        tmp_path: Path, shm_root: Path) -> None:
+    _ok(_spawn("ddp-keep-0", tmp_path), "RESTORED")
+    assert _steps(_local(tmp_path), "step-*/manifest.msgpack") == [1, 2, 3]
+    url = _policy(tmp_path).staging.url
+    assert _steps(shm_root / url.removeprefix("shm://"), "step-*/manifest.msgpack") == [3]
 
 
 def test_each_rank_restores_its_own_optimizer_shard_and_world_size_1_is_refused(

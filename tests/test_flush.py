@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import os
 import textwrap
@@ -66,6 +67,24 @@ def _many_tensors(n: int = 64, width: int = 256) -> torch.nn.Module:
 def _manifests(directory: Path) -> dict[int, Manifest]:
     return {int(p.parent.name[5:]): Manifest.from_bytes(p.read_bytes())
             for p in directory.glob("step-*/manifest.msgpack")}
+
+
+@contextlib.contextmanager
+def _host_peak(ckpt: asymcheck.Checkpointer) -> Iterator[list[int]]:
+    """``[peak]``: the most bytes the host tier held (blocks, manifests, pool) in the body."""
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.001):
+            if ckpt._commit.tiers:
+                peak[0] = max(peak[0], ckpt._commit.host.used_bytes)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
 
 
 def test_small_tensors_are_coalesced_into_batch_files(tmp_path: Path) -> None:
@@ -294,12 +313,12 @@ def test_a_put_failing_while_others_are_in_flight_commits_nothing(tmp_path: Path
     assert not list((tmp_path / "disk").rglob("*.tmp-*"))
 
 
-def _throttled_policy(tmp_path: Path, on_full: str) -> Path:
+def _throttled_policy(tmp_path: Path, on_full: str, keep: int = 1) -> Path:
     return _write(tmp_path, f"""
         [[tier]]
         name = "host"
         url = "shm://backpressure"
-        keep = 1
+        keep = {keep}
         [[tier]]
         name = "slow"
         url = "slowfile://{tmp_path / 'slow'}"
@@ -337,31 +356,87 @@ def test_on_full_wait_persists_every_checkpoint_and_reports_the_stall(tmp_path: 
     assert all(h.stall_s >= h.metrics["backpressure_s"] for h in waited)  # counted as stall
 
 
+@pytest.mark.parametrize("keep", [1, 0])
 def test_a_save_waits_for_a_flush_rather_than_map_more_than_one_block_beyond_the_kept(
-        tmp_path: Path) -> None:
-    """Host keep = 1 and a tier that takes 0.6 s a checkpoint (on_full = wait): a save that
-    finds the older copy still being flushed waits for it, so shared memory never holds more
-    than the kept copy and the block being saved (before, the queue let it map five)."""
+        tmp_path: Path, keep: int) -> None:
+    """Host keep = 1 (or 0) and a tier that takes 0.6 s a checkpoint (on_full = wait): a save
+    that finds the older copy still being flushed waits for it, so shared memory never holds
+    more than the newest copy and the block being saved (before, the queue let it map five)."""
     model = _many_tensors(4)
-    peak, stop = [0], threading.Event()
-    with asymcheck.Checkpointer(model, None, policy=_throttled_policy(tmp_path, "wait")) as ck:
-        def sample() -> None:
-            while not stop.wait(0.001):
-                if ck._commit.tiers:
-                    peak[0] = max(peak[0], ck._commit.host.used_bytes)
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
-            handles = [ck.save_sync(s) for s in range(6)]
-            for h in handles:
-                h.durable("slow").wait(60)
-        finally:
-            stop.set()
-            sampler.join()
-        block = ck._commit.host.committed_bytes  # the one kept copy: its block and manifest
+    policy = _throttled_policy(tmp_path, "wait", keep)
+    with asymcheck.Checkpointer(model, None, policy=policy) as ck, _host_peak(ck) as peak:
+        handles = [ck.save_sync(s) for s in range(6)]
+        for h in handles:
+            h.durable("slow").wait(60)
+        block = ck._commit.host.committed_bytes  # the newest copy: its block and manifest
     assert sorted(_manifests(tmp_path / "slow")) == list(range(6))
     assert block <= peak[0] <= 2 * block
     assert sum(h.metrics.get("backpressure_s", 0) > 0 for h in handles) >= 3
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_with_host_keep_0_a_save_takes_the_block_of_the_copy_the_disk_holds(
+        tmp_path: Path, keep: int) -> None:
+    """Saves further apart than a flush: with host keep = 0 each save is staged in the block of
+    the newest host copy, which the disk holds by then, so shared memory holds one copy of
+    the state where keep = 1 holds two (the kept copy and the block reserved for the next
+    save). Every step stays whole on disk, and the newest in shared memory."""
+    model = _many_tensors(16, 256)
+    policy = _write(tmp_path, f"""
+        [[tier]]
+        name = "host"
+        url = "shm://keep-{keep}"
+        keep = {keep}
+        [[tier]]
+        name = "disk"
+        url = "file:disk"
+        keep = 5
+    """)
+    expected = {}
+    with asymcheck.Checkpointer(model, None, policy=policy, mode="naive") as ckpt, \
+            _host_peak(ckpt) as peak:
+        for step in range(4):
+            with torch.no_grad():
+                model[0].weight.add_(1.0)
+            expected[step] = copy.deepcopy(model.state_dict())
+            ckpt.save_sync(step).durable("disk").wait(60)
+            ckpt.wait_idle_sync()
+        block = ckpt.host.committed_bytes  # the newest copy: its block and manifest
+        assert sorted(_manifests(ckpt.host.directory)) == [3]
+    if keep == 0:
+        assert block <= peak[0] <= block  # the pool's block, mapped once, staged every save
+    else:
+        assert peak[0] >= 2 * block - 4096  # a spare beside the kept copy
+    for step in range(4):
+        loaded = load_from(f"file://{tmp_path / 'disk'}", step)
+        assert loaded is not None
+        assert_same(expected[step], loaded.state["model"], f"step {step}")
+    _assert_restores(model, policy, 3, expected[3])
+
+
+def test_with_host_keep_0_a_copy_no_tier_below_holds_keeps_its_block(tmp_path: Path) -> None:
+    """The only tier below fails every write: the next save maps a block of its own beside
+    the newest host copy, which stays readable while that save is staged."""
+    model = _many_tensors(16, 256)
+    policy = _write(tmp_path, f"""
+        [[tier]]
+        name = "host"
+        url = "shm://keep-0-unflushed"
+        keep = 0
+        [[tier]]
+        name = "broken"
+        url = "failfile://{tmp_path / 'broken'}"
+    """)
+    ckpt = asymcheck.Checkpointer(model, None, policy=policy, mode="naive")
+    with _host_peak(ckpt) as peak:
+        for step in range(3):
+            with pytest.raises(OSError, match="injected write failure"):
+                ckpt.save_sync(step).durable("broken").wait(60)
+            ckpt.wait_idle_sync()
+        block = ckpt.host.committed_bytes
+    with pytest.raises(asymcheck.CheckpointError):
+        ckpt.close_sync()
+    assert peak[0] >= 2 * block - 4096
 
 
 def test_wait_idle_returns_once_every_flush_and_its_retention_is_done(tmp_path: Path) -> None:

@@ -70,7 +70,8 @@ def test_sizes_parse(value: object, expected: int) -> None:
     (("keep = 3", "keep = 3\ncolour = 1"), "tier[1].colour", "unknown key"),
     (('capacity = "8GiB"', 'capacity = "8 gigs"'), "tier[0].capacity", "size"),
     (('"hdfs://127.0.0.1:9000/ckpt"', '"ftp://host/ckpt"'), "tier[2].url", "unknown scheme"),
-    (("keep = 3", "keep = 0"), "tier[1].keep", ">= 1"),
+    (("keep = 3", "keep = 0"), "tier[1].keep", ">= 1 (0 only on the shm:// host tier)"),
+    (("keep = 2", "keep = -1"), "tier[0].keep", ">= 0"),
     (("every = 10", "every = -2"), "tier[2].every", ">= 1"),
     (('mode = "auto"', 'mode = "fast"'), "compression.mode", "off, auto or always"),
     (('on_full = "skip"', 'on_full = "drop"'), "tier[2].on_full", "wait"),
@@ -89,6 +90,13 @@ def test_bad_policies_fail_in_one_line_naming_file_and_key(
     assert "\n" not in msg
     assert msg.startswith(f"{path}: {key}:"), msg
     assert words in msg
+
+
+def test_the_host_tier_may_keep_no_copy_beyond_the_next_save(tmp_path: Path) -> None:
+    policy = load_policy(_write(tmp_path, GOOD.replace("keep = 2", "keep = 0", 1)))
+    host = policy.tier("host")
+    assert host.keep == 0 and host.retained == 1  # the newest stays until the next save
+    assert policy.tier("local").retained == 3
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ def tier_specs(policy_file: str | None, selectors: Sequence[str]) -> list[TierSp
         policy = load_policy(policy_file) if policy_file else default_policy("checkpoints")
     except OSError as e:
         raise UsageError(f"cannot read the policy file {policy_file}: {e}") from None
-    by_name = {t.name: TierSpec(t.name, t.url, t.keep, dict(t.options)) for t in policy.tiers}
+    by_name = {t.name: TierSpec(t.name, t.url, t.retained, dict(t.options)) for t in policy.tiers}
     if not selectors:
         return list(by_name.values())
     schemes = [urlsplit(s).scheme for s in selectors if ":" in s]

@@ -119,8 +119,13 @@ def _wrap(real: Callable[..., Any], count: Callable[[], bool], when: str) -> Cal
 
 
 def storm_policy(directory: Path, cfg: dict[str, Any]) -> asymcheck.Policy:
-    """The default policy under ``directory``, with the trial's compression settings."""
+    """The default policy under ``directory``, with the trial's compression settings and
+    host tier ``keep``."""
     policy = asymcheck.default_policy(directory)
+    if "host_keep" in cfg:
+        host, *rest = policy.tiers
+        policy = dataclasses.replace(
+            policy, tiers=(dataclasses.replace(host, keep=cfg["host_keep"]), *rest))
     if cfg.get("compression"):
         policy = dataclasses.replace(
             policy, compression=asymcheck.CompressionPolicy(**cfg["compression"]))
@@ -148,6 +153,8 @@ def trial(cfg: dict[str, Any]) -> None:
         save_ref(refs / f"ref-{step}.pt", snapshot(model, opt, sched))
         handle = ckpt.save_sync(step)
         emit(saved=step, mode=handle.metrics.get("mode"))
+        if cfg.get("settle"):  # every flush and its retention done before the next save
+            ckpt.wait_idle_sync()
         step += 1
     ckpt.close_sync()
     emit(done=True)

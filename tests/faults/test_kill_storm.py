@@ -204,18 +204,19 @@ def plan_trials(rng: random.Random, mode: str, hooks: list[tuple[str, str, int]]
 
 
 def run_storm(trials: list[dict[str, Any]], tmp_path: Path, shm_root: Path,
-              stats: FaultStats, compression: dict[str, Any] | None = None
-              ) -> list[dict[str, Any]]:
+              stats: FaultStats, compression: dict[str, Any] | None = None,
+              host_keep: int | None = None) -> list[dict[str, Any]]:
     directory = tmp_path / "checkpoints"
     refs = tmp_path / "refs"
     refs.mkdir()
-    policy = storm_policy(directory, {"compression": compression})
+    kept = {} if host_keep is None else {"host_keep": host_keep}
+    policy = storm_policy(directory, {"compression": compression, **kept})
     storm = Storm(tmp_path / "trainer.log")
     outcomes = []
     try:
         for i, trial in enumerate(trials):
             cfg = {**trial, "dir": str(directory), "refs": str(refs), "seed": SEED + i,
-                   "width": WIDTH, "compression": compression}
+                   "width": WIDTH, "compression": compression, **kept}
             outcome = storm.run(cfg, trial.get("delay_s"))
             outcome["trial"] = trial
             outcomes.append(outcome)
@@ -263,6 +264,28 @@ def test_kill_storm_asym_mode_loses_nothing_committed(tmp_path: Path, shm_root: 
     assert_every_hook_fired(outcomes, ASYM_HOOKS)
     modes = [m for o in outcomes for m in o["modes"]]
     assert modes.count("asym") >= 10, f"the asymmetric snapshot was barely used: {modes}"
+
+
+#: Host keep = 0: a save deletes the newest host copy (the disk holds it) and stages into its
+#: block; a kill while it is staged leaves that step on disk only.
+REUSE_HOOKS = [
+    ("HostTier.delete", "before", 6),    # the next save gives up the newest host copy
+    ("HostTier.delete", "after", 6),     # ... its manifest gone, its block pooled
+    ("HostBlock.commit", "before", 4),   # staged in the reused block, not yet visible
+    ("HostTier.put", "after", 4),
+]
+
+
+@pytest.mark.slow
+def test_kill_storm_with_host_keep_0_loses_nothing_committed(
+        tmp_path: Path, shm_root: Path, fault_stats: FaultStats) -> None:
+    rng = random.Random(SEED + 3)
+    trials = plan_trials(rng, "naive", REUSE_HOOKS, rounds=2, delays=6, max_delay_s=0.3)
+    for trial in trials:  # each flush done before the next save, which reuses its block
+        trial["settle"] = True
+    outcomes = run_storm(trials, tmp_path, shm_root, fault_stats, host_keep=0)
+    assert sum(o["killed"] for o in outcomes) >= len(outcomes) - 2
+    assert_every_hook_fired(outcomes, REUSE_HOOKS)
 
 
 #: Every tensor delta-coded against the last full checkpoint, a full one every third save.
