@@ -302,16 +302,18 @@ class HostStage:
     def is_locked(self, block: HostBlock) -> bool:
         return bool(block.nbytes) and buffer_address(block.view) in self._locked
 
-    async def ready(self, block: HostBlock, metrics: dict[str, object]) -> None:
-        """Page-lock ``block`` now if state is on a device and no spare was locked ahead."""
+    async def ready(self, block: HostBlock, metrics: dict[str, Any]) -> None:
+        """Page-lock ``block`` now if state is on a device and no spare was locked ahead (a
+        streamed save's pieces: each block once, the pool's are locked already); metrics add
+        up over the blocks of one save."""
         if not self.page_lock:
             return
         pinned = self.is_locked(block)
         if not pinned:
             t0 = time.perf_counter()
             pinned = await asyncio.to_thread(self.lock_pages, block)
-            metrics["host_pin_s"] = time.perf_counter() - t0
-        metrics["host_pinned"] = pinned
+            metrics["host_pin_s"] = metrics.get("host_pin_s", 0.0) + time.perf_counter() - t0
+        metrics["host_pinned"] = pinned and metrics.get("host_pinned", True)
 
     async def reserve(self, key: str, nbytes: int) -> HostBlock:
         """A host block for a new checkpoint; under memory pressure, evict old host copies."""

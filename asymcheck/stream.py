@@ -6,8 +6,10 @@ piece is checksummed once and handed to the flush worker of every scheduled down
 part of one ``StreamJob``, where it is compressed and batched like any other save
 (``FlushScheduler``), then freed into the host tier's pool once every tier wrote it, still
 mapped: every piece has a block of the same size, so the next save's pieces are copied into
-pages that are already faulted in. The training thread waits while the budget is full: that
-wait is the stall. Each tier commits its manifest once every piece is written there.
+pages that are already faulted in. For device state each piece's block is page-locked once,
+off the training thread, and stays locked while its mapping is pooled. The training thread
+waits while the budget is full: that wait is the stall. Each tier commits its manifest once
+every piece is written there.
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ def save_in_pieces(committer: Committer, prep: Prepared) -> Steps[SaveHandle]:
             f"step {prep.step}: {prep.layout.total_bytes} bytes of state exceed the host "
             f"budget of {host.capacity_bytes} bytes and no other tier takes this save")
     piece_bytes = max(host.capacity_bytes // 4, 64 << 10)
+    stage = committer.stage
+    stage.page_lock = prep.on_device
     job = StreamJob(committer.manifest(prep, (), (), streamed=True), handle, prep.layout,
                     prep.save_id, piece_bytes, handle.tiers)
     yield committer.hand_off_stream(job)
@@ -126,6 +130,8 @@ def save_in_pieces(committer: Committer, prep: Prepared) -> Steps[SaveHandle]:
             # every piece in a block of the same size (the last one too): a freed piece's
             # block, still mapped, then takes any piece of the next save
             block: HostBlock = yield host.reserve(step_key(prep.step, name), piece_bytes)
+            # device state: copied into page-locked memory (a pooled piece stays locked)
+            yield stage.ready(block, handle.metrics)
             target = block_tensor(block.view)
             pos = 0
             for slot_index, start, n in segments:

@@ -128,6 +128,43 @@ def test_compressed_device_state_restores_bit_exactly_onto_the_device(
     assert_same(want["opt"], got["opt"])
 
 
+def test_a_device_state_larger_than_the_host_budget_streams_through_locked_pieces(
+        tmp_path: Path) -> None:
+    """Two copies of the state do not fit the host budget: each save streams the device
+    state through page-locked pieces (locked by the first save, reused by the next) and
+    restores bit for bit onto the device."""
+    model, opt = _model()
+    _train(model, opt, 0)
+    state_bytes = sum(t.nbytes for t in _state(model, opt)["model"].values()) * 3  # + AdamW
+    policy = tmp_path / "tiers.toml"
+    policy.write_text(textwrap.dedent(f"""
+        [[tier]]
+        name = "host"
+        url = "shm://cuda-stream"
+        capacity = {state_bytes // 2}
+        [[tier]]
+        name = "disk"
+        url = "file://{tmp_path / 'disk'}"
+    """))
+    with asymcheck.Checkpointer(model, opt, policy=policy, mode="naive") as ckpt:
+        handles = []
+        for step in (1, 2):
+            _train(model, opt, step)
+            want = _state(model, opt)
+            handles.append(ckpt.save_sync(step))
+            handles[-1].durable("disk").wait(60)
+    assert all(h.metrics["mode"] == "streaming" and h.metrics["host_pinned"] for h in handles)
+    assert "host_pin_s" in handles[0].metrics
+    fresh, fresh_opt = _model()
+    _train(fresh, fresh_opt, 99)
+    with asymcheck.Checkpointer(fresh, fresh_opt, policy=policy) as ckpt:
+        assert ckpt.restore_sync() == 2
+    got = _state(fresh, fresh_opt)
+    assert all(p.is_cuda for p in fresh.parameters())
+    assert_same(want["model"], got["model"])
+    assert_same(want["opt"], got["opt"])
+
+
 def test_fsdp2_on_the_device_saves_local_shards_and_restores_on_device_and_on_the_cpu(
         tmp_path: Path) -> None:
     """FSDP2 on a one-GPU mesh (NCCL): the asym snapshot copies the device shards on the side

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import os
 import textwrap
 import threading
@@ -16,10 +17,13 @@ import pytest
 import torch
 
 import asymcheck
+import asymcheck.checkpointer
+import asymcheck.hoststage
 from asymcheck.errors import TierSkipped
 from asymcheck.manifest import Manifest
 from tests import fault_tiers
 from tests._util import assert_same, load_from
+from tiers.local import buffer_address
 
 
 @pytest.fixture(autouse=True)
@@ -236,6 +240,50 @@ def test_streamed_saves_stage_each_piece_through_the_blocks_the_last_save_freed(
         reused = pooled_files(ckpt.host)
         assert files <= reused and len(reused) <= 4, (files, reused)
         assert ckpt.host.used_bytes <= ckpt.host.capacity_bytes
+    _assert_restores(model, policy, 2, expected)
+
+
+def test_streamed_device_state_page_locks_each_piece_block_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Device state streams into page-locked pieces: each block is locked once, off the
+    training thread, and stays locked in the pool, so the next save's pieces register nothing
+    new; every block is unlocked once the host tier unmaps it. There is no device here:
+    ``pin_memory`` (cudaHostRegister) is a recorder and the state is flagged as on a device;
+    ``tests/test_cuda.py`` registers real memory."""
+    locked: list[int] = []
+    unlocked: list[int] = []
+
+    def pin(view: memoryview) -> Any:
+        address = buffer_address(view)
+        locked.append(address)
+        return lambda: unlocked.append(address)
+
+    monkeypatch.setattr(asymcheck.hoststage, "pin_memory", pin)
+    stream = asymcheck.checkpointer.save_in_pieces
+    monkeypatch.setattr(asymcheck.checkpointer, "save_in_pieces", lambda committer, prep: (
+        stream(committer, dataclasses.replace(prep, on_device=True))))
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])  # 2.1 MB
+    state_bytes = sum(p.nbytes for p in model.parameters())
+    policy = _stream_policy(tmp_path, "stream-locked", state_bytes // 2)
+    with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
+        first = ckpt.save_sync(1)
+        first.durable("disk").wait(60)
+        in_first = len(locked)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        expected = copy.deepcopy(model.state_dict())
+        second = ckpt.save_sync(2)
+        second.durable("disk").wait(60)
+        blocks = ckpt.host.used_bytes // (ckpt.host.capacity_bytes // 4)
+    assert first.metrics["mode"] == second.metrics["mode"] == "streaming"
+    assert first.metrics["host_pinned"] and second.metrics["host_pinned"]
+    assert first.metrics["host_pin_s"] > 0
+    assert 1 <= in_first <= first.metrics["pieces"]
+    # one lock per block ever mapped; the second save only locks a block the pool gained
+    assert len(locked) == len(set(locked)) == blocks <= 4, (locked, blocks)
+    assert sorted(unlocked) == sorted(locked)
     _assert_restores(model, policy, 2, expected)
 
 
