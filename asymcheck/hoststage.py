@@ -27,6 +27,7 @@ still reads a host copy (a flush, a delta base): a pinned step is never evicted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -137,8 +138,9 @@ class HostStage:
             return
 
         def done(ok: bool) -> None:
-            if ok:
-                self._loop.call_soon_threadsafe(self._flushed.add, step)
+            if ok and not self._closed:
+                with contextlib.suppress(RuntimeError):  # the loop closed since
+                    self._loop.call_soon_threadsafe(self._flushed.add, step)
         durable.on_done(done)
 
     def _flushing_before(self, step: int) -> bool:
