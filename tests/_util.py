@@ -98,3 +98,21 @@ def load_from(url: str, step: int | None = None, name: str = "only") -> LoadedCh
 
     asyncio.run(run())
     return out[0]
+
+
+def record_page_locks(monkeypatch: Any) -> tuple[list[int], list[int]]:
+    """Replace ``pin_memory`` (cudaHostRegister) with a recorder, for machines without a
+    device: the addresses locked, and those unlocked again (in order)."""
+    import asymcheck.hoststage
+    from tiers.local import buffer_address
+
+    locked: list[int] = []
+    unlocked: list[int] = []
+
+    def pin(view: memoryview) -> Any:
+        address = buffer_address(view)
+        locked.append(address)
+        return lambda: unlocked.append(address)
+
+    monkeypatch.setattr(asymcheck.hoststage, "pin_memory", pin)
+    return locked, unlocked

@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import json
 import os
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,10 @@ import torch
 
 import asymcheck
 import asymcheck.checkpointer
-import asymcheck.hoststage
 from asymcheck.errors import TierSkipped
 from asymcheck.manifest import Manifest
 from tests import fault_tiers
-from tests._util import assert_same, load_from
-from tiers.local import buffer_address
+from tests._util import assert_same, load_from, record_page_locks
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +38,19 @@ def _write(tmp_path: Path, body: str) -> Path:
     return path
 
 
+def _toml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)  # a str, int or float as TOML writes it
+
+
+def _tiers(tmp_path: Path, *tables: dict[str, Any], extra: str = "") -> Path:
+    """A policy file of these ``[[tier]]`` tables, then ``extra`` (TOML text)."""
+    return _write(tmp_path, "".join(
+        "[[tier]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in table.items())
+        for table in tables) + textwrap.dedent(extra))
+
+
 def _assert_restores(model: torch.nn.Module, policy: Path, step: int,
                      expected: dict[str, torch.Tensor]) -> None:
     """A fresh checkpointer restores ``step`` into ``model`` (zeroed first), bit for bit."""
@@ -52,15 +64,8 @@ def _assert_restores(model: torch.nn.Module, policy: Path, step: int,
 
 def _stream_policy(tmp_path: Path, name: str, capacity: int, extra: str = "") -> Path:
     """A host tier of ``capacity`` bytes (smaller than two states: saves stream) + a disk."""
-    return _write(tmp_path, f"""
-        [[tier]]
-        name = "host"
-        url = "shm://{name}"
-        capacity = {capacity}
-        [[tier]]
-        name = "disk"
-        url = "file:disk"
-    """ + textwrap.dedent(extra))
+    return _tiers(tmp_path, {"name": "host", "url": f"shm://{name}", "capacity": capacity},
+                  {"name": "disk", "url": "file:disk"}, extra=extra)
 
 
 def _many_tensors(n: int = 64, width: int = 256) -> torch.nn.Module:
@@ -209,6 +214,23 @@ def test_a_state_four_times_the_host_budget_streams_through(tmp_path: Path) -> N
     _assert_restores(model, policy, 5, expected)
 
 
+def _save_twice(ckpt: asymcheck.Checkpointer, model: torch.nn.Module,
+                after_first: Callable[[asymcheck.SaveHandle], None] = lambda h: None
+                ) -> tuple[asymcheck.SaveHandle, asymcheck.SaveHandle, dict[str, torch.Tensor]]:
+    """Save steps 1 and 2 of ``model`` (changed in between), each durable on the disk; the
+    handles and the state of step 2."""
+    first = ckpt.save_sync(1)
+    first.durable("disk").wait(60)
+    after_first(first)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    expected = copy.deepcopy(model.state_dict())
+    second = ckpt.save_sync(2)
+    second.durable("disk").wait(60)
+    return first, second, expected
+
+
 def test_streamed_saves_stage_each_piece_through_the_blocks_the_last_save_freed(
         tmp_path: Path) -> None:
     """Pieces go to the host tier's pool once every tier wrote them, and the next save's
@@ -223,17 +245,13 @@ def test_streamed_saves_stage_each_piece_through_the_blocks_the_last_save_freed(
         return {(pool / n).stat().st_ino for n in os.listdir(pool)}
 
     with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
-        first = ckpt.save_sync(1)
-        first.durable("disk").wait(60)
-        assert first.metrics["mode"] == "streaming" and first.metrics["pieces"] >= 4
-        files = pooled_files(ckpt.host)
-        assert files and ckpt.host.pooled_bytes == ckpt.host.used_bytes
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(1.0)
-        expected = copy.deepcopy(model.state_dict())
-        second = ckpt.save_sync(2)
-        second.durable("disk").wait(60)
+        files: set[int] = set()
+
+        def after_first(first: asymcheck.SaveHandle) -> None:
+            assert first.metrics["mode"] == "streaming" and first.metrics["pieces"] >= 4
+            files.update(pooled_files(ckpt.host))
+            assert files and ckpt.host.pooled_bytes == ckpt.host.used_bytes
+        _, second, expected = _save_twice(ckpt, model, after_first)
         assert second.metrics["mode"] == "streaming"
         # the same blocks again; one more only if more pieces were in flight at once than
         # in the first save (a slower flush), within the budget of four pieces
@@ -250,15 +268,7 @@ def test_streamed_device_state_page_locks_each_piece_block_once(
     new; every block is unlocked once the host tier unmaps it. There is no device here:
     ``pin_memory`` (cudaHostRegister) is a recorder and the state is flagged as on a device;
     ``tests/test_cuda.py`` registers real memory."""
-    locked: list[int] = []
-    unlocked: list[int] = []
-
-    def pin(view: memoryview) -> Any:
-        address = buffer_address(view)
-        locked.append(address)
-        return lambda: unlocked.append(address)
-
-    monkeypatch.setattr(asymcheck.hoststage, "pin_memory", pin)
+    locked, unlocked = record_page_locks(monkeypatch)
     stream = asymcheck.checkpointer.save_in_pieces
     monkeypatch.setattr(asymcheck.checkpointer, "save_in_pieces", lambda committer, prep: (
         stream(committer, dataclasses.replace(prep, on_device=True))))
@@ -267,20 +277,11 @@ def test_streamed_device_state_page_locks_each_piece_block_once(
     state_bytes = sum(p.nbytes for p in model.parameters())
     policy = _stream_policy(tmp_path, "stream-locked", state_bytes // 2)
     with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
-        first = ckpt.save_sync(1)
-        first.durable("disk").wait(60)
-        in_first = len(locked)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(1.0)
-        expected = copy.deepcopy(model.state_dict())
-        second = ckpt.save_sync(2)
-        second.durable("disk").wait(60)
+        first, second, expected = _save_twice(ckpt, model)
         blocks = ckpt.host.used_bytes // (ckpt.host.capacity_bytes // 4)
     assert first.metrics["mode"] == second.metrics["mode"] == "streaming"
     assert first.metrics["host_pinned"] and second.metrics["host_pinned"]
     assert first.metrics["host_pin_s"] > 0
-    assert 1 <= in_first <= first.metrics["pieces"]
     # one lock per block ever mapped; the second save only locks a block the pool gained
     assert len(locked) == len(set(locked)) == blocks <= 4, (locked, blocks)
     assert sorted(unlocked) == sorted(locked)
@@ -362,18 +363,9 @@ def test_a_put_failing_while_others_are_in_flight_commits_nothing(tmp_path: Path
 
 
 def _throttled_policy(tmp_path: Path, on_full: str, keep: int = 1) -> Path:
-    return _write(tmp_path, f"""
-        [[tier]]
-        name = "host"
-        url = "shm://backpressure"
-        keep = {keep}
-        [[tier]]
-        name = "slow"
-        url = "slowfile://{tmp_path / 'slow'}"
-        keep = 20
-        on_full = "{on_full}"
-        options = {{ bandwidth_bps = 1e9, latency_s = 0.3 }}
-    """)
+    return _tiers(tmp_path, {"name": "host", "url": "shm://backpressure", "keep": keep},
+                  {"name": "slow", "url": f"slowfile://{tmp_path / 'slow'}", "keep": 20,
+                   "on_full": on_full, "options": {"bandwidth_bps": 1e9, "latency_s": 0.3}})
 
 
 def test_on_full_skip_drops_checkpoints_the_slow_tier_cannot_take(tmp_path: Path) -> None:
@@ -422,6 +414,12 @@ def test_a_save_waits_for_a_flush_rather_than_map_more_than_one_block_beyond_the
     assert sum(h.metrics.get("backpressure_s", 0) > 0 for h in handles) >= 3
 
 
+def _host_keep_policy(tmp_path: Path, keep: int, below: str, url: str) -> Path:
+    """A host tier keeping ``keep`` copies in front of one tier ``below`` at ``url``."""
+    return _tiers(tmp_path, {"name": "host", "url": f"shm://keep-{keep}-{below}", "keep": keep},
+                  {"name": below, "url": url, "keep": 5})
+
+
 @pytest.mark.parametrize("keep", [0, 1])
 def test_with_host_keep_0_a_save_takes_the_block_of_the_copy_the_disk_holds(
         tmp_path: Path, keep: int) -> None:
@@ -430,16 +428,7 @@ def test_with_host_keep_0_a_save_takes_the_block_of_the_copy_the_disk_holds(
     the state where keep = 1 holds two (the kept copy and the block reserved for the next
     save). Every step stays whole on disk, and the newest in shared memory."""
     model = _many_tensors(16, 256)
-    policy = _write(tmp_path, f"""
-        [[tier]]
-        name = "host"
-        url = "shm://keep-{keep}"
-        keep = {keep}
-        [[tier]]
-        name = "disk"
-        url = "file:disk"
-        keep = 5
-    """)
+    policy = _host_keep_policy(tmp_path, keep, "disk", "file:disk")
     expected = {}
     with asymcheck.Checkpointer(model, None, policy=policy, mode="naive") as ckpt, \
             _host_peak(ckpt) as peak:
@@ -466,15 +455,7 @@ def test_with_host_keep_0_a_copy_no_tier_below_holds_keeps_its_block(tmp_path: P
     """The only tier below fails every write: the next save maps a block of its own beside
     the newest host copy, which stays readable while that save is staged."""
     model = _many_tensors(16, 256)
-    policy = _write(tmp_path, f"""
-        [[tier]]
-        name = "host"
-        url = "shm://keep-0-unflushed"
-        keep = 0
-        [[tier]]
-        name = "broken"
-        url = "failfile://{tmp_path / 'broken'}"
-    """)
+    policy = _host_keep_policy(tmp_path, 0, "broken", f"failfile://{tmp_path / 'broken'}")
     ckpt = asymcheck.Checkpointer(model, None, policy=policy, mode="naive")
     with _host_peak(ckpt) as peak:
         for step in range(3):

@@ -9,15 +9,13 @@ There is no device here: ``pin_memory`` (cudaHostRegister) is replaced by a reco
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 
-import asymcheck.hoststage
 from asymcheck.hoststage import HostStage
 from asymcheck.layout import manifest_key, step_key
+from tests._util import record_page_locks
 from tiers import HostTier
-from tiers.local import buffer_address
 
 
 async def _nothing() -> None:
@@ -47,15 +45,7 @@ async def test_a_claim_takes_the_spare_reserved_since_its_save_looked_for_one() 
 
 async def test_a_mapping_is_page_locked_once_and_unlocked_when_the_tier_unmaps_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    locked: list[int] = []
-    unlocked: list[int] = []
-
-    def pin(view: memoryview) -> Any:
-        address = buffer_address(view)
-        locked.append(address)
-        return lambda: unlocked.append(address)
-
-    monkeypatch.setattr(asymcheck.hoststage, "pin_memory", pin)
+    locked, unlocked = record_page_locks(monkeypatch)
     host = HostTier("shm://stage-locks")
     stage = HostStage(host, asyncio.Lock(), on_unpinned=_nothing)
     stage.page_lock = True
