@@ -10,6 +10,8 @@ process and its children plus the shared memory in use on the machine. Rounds in
 methods, the order reversed every other round; a method's figure is its highest round.
 
 The target: AsymCheck's peak at most the lower DCP-best peak plus one copy of the state.
+*asym+S+O keep 0* is asym+S+O with the host tier at ``keep = 0`` (a save takes over the block
+of the newest host copy once the disk holds it).
 
     python benchmarks/memory.py                  # GPT-2 6x512 (0.28 GB of state), a few minutes
     python benchmarks/memory.py --quick          # a small smoke run
@@ -51,6 +53,8 @@ def methods() -> list[Method]:
     return [*best_peers(),
             AsymCheckMethod("asym+S+O", "asym", local={"batch": "auto"},
                             compression={"mode": "auto"}),
+            AsymCheckMethod("asym+S+O keep 0", "asym", local={"batch": "auto"},
+                            compression={"mode": "auto"}, host_keep=0),
             AsymCheckMethod("asym", "asym", local={"batch": "off"},
                             compression={"mode": "off"}),
             AsymCheckMethod("naive", "naive", local={"batch": "off"},
@@ -109,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=512, help="GPT-2 width (default 512)")
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary (default 8192)")
     p.add_argument("--saves", type=int, default=12, help="saves per run (default 12)")
-    p.add_argument("--gaps", default="0.05,0.5",
-                   help="seconds between saves, one set of runs each (default 0.05,0.5: "
-                        "saves faster than the disk takes them, and slower)")
+    p.add_argument("--gaps", default="0.05,0.5,2",
+                   help="seconds between saves, one set of runs each (default 0.05,0.5,2: "
+                        "saves faster than the disk takes them, slower, and further apart "
+                        "than a flush)")
     p.add_argument("--rounds", type=int, default=2,
                    help="runs of every method, interleaved; the highest is shown (default 2)")
     p.add_argument("--out", default=str(RESULTS / "memory.json"), help="JSON written here")
