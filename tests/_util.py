@@ -116,3 +116,11 @@ def record_page_locks(monkeypatch: Any) -> tuple[list[int], list[int]]:
 
     monkeypatch.setattr(asymcheck.hoststage, "pin_memory", pin)
     return locked, unlocked
+
+
+def pooled_inodes(host: Any) -> set[int]:
+    """The tmpfs inodes of the blocks in a host tier's free pool."""
+    import os
+
+    pool = host.directory / ".free"
+    return {(pool / n).stat().st_ino for n in os.listdir(pool)}

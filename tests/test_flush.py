@@ -7,7 +7,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import os
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ import asymcheck.checkpointer
 from asymcheck.errors import TierSkipped
 from asymcheck.manifest import Manifest
 from tests import fault_tiers
-from tests._util import assert_same, load_from, record_page_locks
+from tests._util import assert_same, load_from, pooled_inodes, record_page_locks
 
 
 @pytest.fixture(autouse=True)
@@ -240,22 +239,18 @@ def test_streamed_saves_stage_each_piece_through_the_blocks_the_last_save_freed(
     state_bytes = sum(p.nbytes for p in model.parameters())
     policy = _stream_policy(tmp_path, "stream-reuse", state_bytes // 2)
 
-    def pooled_files(host: Any) -> set[int]:
-        pool = host.directory / ".free"
-        return {(pool / n).stat().st_ino for n in os.listdir(pool)}
-
     with asymcheck.Checkpointer(model, None, policy=policy) as ckpt:
         files: set[int] = set()
 
         def after_first(first: asymcheck.SaveHandle) -> None:
             assert first.metrics["mode"] == "streaming" and first.metrics["pieces"] >= 4
-            files.update(pooled_files(ckpt.host))
+            files.update(pooled_inodes(ckpt.host))
             assert files and ckpt.host.pooled_bytes == ckpt.host.used_bytes
         _, second, expected = _save_twice(ckpt, model, after_first)
         assert second.metrics["mode"] == "streaming"
         # the same blocks again; one more only if more pieces were in flight at once than
         # in the first save (a slower flush), within the budget of four pieces
-        reused = pooled_files(ckpt.host)
+        reused = pooled_inodes(ckpt.host)
         assert files <= reused and len(reused) <= 4, (files, reused)
         assert ckpt.host.used_bytes <= ckpt.host.capacity_bytes
     _assert_restores(model, policy, 2, expected)

@@ -362,8 +362,13 @@ class ArrowFsTier(Tier):
                              finish=True, late=late,
                              on_late=functools.partial(self._undo_late_put, fs, key, path, gen))
         finally:
-            if not late.abandoned and self._latest_put.get(key) == gen:
-                del self._latest_put[key]
+            if not late.abandoned:
+                # the write is over, but the pool's worker may hold its arguments a moment
+                # longer: the views go now (a host block whose views are all gone is reused,
+                # still mapped); a worker given up on still reads them
+                parts.clear()
+                if self._latest_put.get(key) == gen:
+                    del self._latest_put[key]
 
     def _undo_late_put(self, fs: Any, key: str, path: str, gen: int,
                        done: concurrent.futures.Future[None]) -> None:
