@@ -80,7 +80,8 @@ class Committer:
             host.capacity_bytes = _shm_default_capacity(host) // self.topology.local_ranks
         self._stage = HostStage(host, self._retain_lock(host),
                                 on_unpinned=lambda: self.retain(self.host),
-                                keep=self.policy.staging.keep)
+                                keep=self.policy.staging.retained,
+                                reuse_newest=self.policy.staging.keep == 0)
         self.scheduler = FlushScheduler(self.tiers, self.policy, on_done=self._flush_done,
                                         pin_base=self.stage.pin_base,
                                         unpin_base=self.stage.unpin_base,

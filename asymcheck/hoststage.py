@@ -52,12 +52,11 @@ class HostStage:
     except ``take_spare``, which is thread-safe). Made on the loop thread."""
 
     def __init__(self, host: HostTier, lock: asyncio.Lock,
-                 on_unpinned: Callable[[], Awaitable[None]], keep: int = 1) -> None:
+                 on_unpinned: Callable[[], Awaitable[None]], keep: int = 1,
+                 reuse_newest: bool = False) -> None:
         self.host = host
-        # the host tier's kept checkpoints (its policy's ``keep``; 0: the newest, until the
-        # next save takes its block)
-        self.keep = max(keep, 1)
-        self.reuse_newest = keep == 0
+        self.keep = keep  # the host tier's kept checkpoints (its policy's ``retained``)
+        self.reuse_newest = reuse_newest  # ``keep = 0``: the next save takes the newest's block
         self._flushed: set[int] = set()  # host copies a tier below holds
         self.page_lock = False  # CUDA state: blocks are page-locked for device copies
         self._lock = lock  # the host tier's retention lock: eviction deletes under it
