@@ -124,3 +124,11 @@ def pooled_inodes(host: Any) -> set[int]:
 
     pool = host.directory / ".free"
     return {(pool / n).stat().st_ino for n in os.listdir(pool)}
+
+
+def with_host_keep(policy: Any, keep: int) -> Any:
+    """``policy`` with its host (first) tier's ``keep`` replaced."""
+    import dataclasses
+
+    host, *rest = policy.tiers
+    return dataclasses.replace(policy, tiers=(dataclasses.replace(host, keep=keep), *rest))

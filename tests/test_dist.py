@@ -6,7 +6,6 @@ with the test's own shared-memory root in their environment.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import signal
@@ -22,7 +21,7 @@ import tiers.host
 from asymcheck.layout import host_shard_url, manifest_key, shard_manifest_key
 from asymcheck.manifest import Manifest
 from tests import _ranks
-from tests._util import assert_same, model_state, opt_state
+from tests._util import assert_same, model_state, opt_state, with_host_keep
 
 WORLD = 2
 WIDTH = 32
@@ -45,9 +44,7 @@ def _policy(work: Path) -> asymcheck.Policy:
 
 def _keep_0_policy(work: Path) -> asymcheck.Policy:
     """The default policy with host ``keep = 0``: a save takes over the newest copy's block."""
-    policy = _policy(work)
-    host, *rest = policy.tiers
-    return dataclasses.replace(policy, tiers=(dataclasses.replace(host, keep=0), *rest))
+    return with_host_keep(_policy(work), 0)
 
 
 def _ddp_training(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:

@@ -39,7 +39,7 @@ import asymcheck.retention
 import asymcheck.topology
 import tiers.host
 import tiers.local
-from tests._util import make_training, snapshot, train_steps
+from tests._util import make_training, snapshot, train_steps, with_host_keep
 
 _real_fsync = os.fsync
 _real_rename = os.rename
@@ -123,9 +123,7 @@ def storm_policy(directory: Path, cfg: dict[str, Any]) -> asymcheck.Policy:
     host tier ``keep``."""
     policy = asymcheck.default_policy(directory)
     if "host_keep" in cfg:
-        host, *rest = policy.tiers
-        policy = dataclasses.replace(
-            policy, tiers=(dataclasses.replace(host, keep=cfg["host_keep"]), *rest))
+        policy = with_host_keep(policy, cfg["host_keep"])
     if cfg.get("compression"):
         policy = dataclasses.replace(
             policy, compression=asymcheck.CompressionPolicy(**cfg["compression"]))
