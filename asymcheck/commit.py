@@ -243,7 +243,8 @@ class Committer:
             comp = job.handle.metrics.get(f"{tier}.compression", {})
             self._bases[tier][job.manifest.step] = kept_bases(comp)
             self.topology.resolve(job.handle, tier, None)
-            self.stage.flushed(job.manifest.step, job.handle.durable(tier))
+            self.stage.flushed(job.manifest.step, job.handle.durable(tier),
+                               waited=self._waited(tier))
             await self.retain(self.tiers[tier])
         else:
             self.fail(job.handle, (tier,), error)

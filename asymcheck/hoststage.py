@@ -14,9 +14,12 @@ still read by a flush to an ``on_full = "wait"`` tier, the next save waits for t
 checkpoints, the delta bases, and one block more. A flush to an ``on_full = "skip"`` tier never
 makes a save wait: its host copy may hold one more block, within the tier's byte budget.
 With ``keep = 0`` no spare is reserved: the host holds its newest copy (a restore reads it)
-until the next save, which takes that copy's block if a tier below holds the copy and nothing
-reads it any more, else maps one of its own; with checkpoints further apart than a flush the
-host then holds one block, not two.
+until the next save, which takes that copy's block once a tier below holds the copy and nothing
+reads it any more. The same backpressure applies: while a flush to an ``on_full = "wait"`` tier
+still reads that copy, or its commit there is not yet durable (with several ranks, every
+rank's shard), the save waits for it rather than map a second block, so the host holds one
+block of the state, never two; only a copy no such flush frees (a delta base, a host-only
+policy, ``on_full = "skip"`` tiers) leaves the save a block of its own.
 For CUDA state the spare is page-locked there too, off the training thread: a device-to-host
 copy into pageable memory would block the training thread for the whole transfer. A mapping
 stays page-locked until the host tier unmaps it, so a block reused from the pool is locked
@@ -58,6 +61,7 @@ class HostStage:
         self.keep = keep  # the host tier's kept checkpoints (its policy's ``retained``)
         self.reuse_newest = reuse_newest  # ``keep = 0``: the next save takes the newest's block
         self._flushed: set[int] = set()  # host copies a tier below holds
+        self._durable_pending: set[int] = set()  # flushed here, their commit not yet durable
         self.page_lock = False  # CUDA state: blocks are page-locked for device copies
         self._lock = lock  # the host tier's retention lock: eviction deletes under it
         self._on_unpinned = on_unpinned
@@ -130,16 +134,25 @@ class HostStage:
             del self._base_pins[step]
         await self.unpin(step)
 
-    def flushed(self, step: int, durable: Completion) -> None:
+    def flushed(self, step: int, durable: Completion, *, waited: bool) -> None:
         """``step`` was flushed to a tier below: with ``keep = 0`` its host copy may go once
-        it is committed there (``durable``: with several ranks, once every rank's shard is)."""
+        it is committed there (``durable``: with several ranks, once every rank's shard is);
+        ``waited``: the next save waits for that commit (an ``on_full = "wait"`` tier)."""
         if not self.reuse_newest:
             return
+        if waited:
+            self._durable_pending.add(step)
+
+        def settled(ok: bool) -> None:
+            self._durable_pending.discard(step)
+            if ok:
+                self._flushed.add(step)
+            self._released.set()
 
         def done(ok: bool) -> None:
-            if ok and not self._closed:
+            if not self._closed:
                 with contextlib.suppress(RuntimeError):  # the loop closed since
-                    self._loop.call_soon_threadsafe(self._flushed.add, step)
+                    self._loop.call_soon_threadsafe(settled, ok)
         durable.on_done(done)
 
     def _flushing_before(self, step: int) -> bool:
@@ -163,11 +176,11 @@ class HostStage:
         that holds a copy retention would free is done (:meth:`_await_flushed`), the spare
         reserved since, or the reservation of one still in flight (a second block beside it
         would hold one more copy of the state in shared memory until it is given back), else
-        a new one. With ``keep = 0``, the newest host copy's block if it may go
+        a new one. With ``keep = 0``, the newest host copy's block once it may go
         (:meth:`_give_up_held`)."""
+        await self._await_flushed(nbytes, metrics)
         if self.reuse_newest:
             await self._give_up_held()
-        await self._await_flushed(nbytes, metrics)
         cap = self.host.capacity_bytes
         with self._spare_lock:
             # wait only for a reservation that cannot be blocked by the byte budget (under
@@ -185,18 +198,21 @@ class HostStage:
 
     async def _await_flushed(self, nbytes: int, metrics: dict[str, Any] | None) -> None:
         """Wait while no block of ``nbytes`` is pooled or being reserved and a host copy that
-        retention would free is still read by a waited-for flush (counted in the save's
+        retention would free (with ``keep = 0``, any) is still read by a waited-for flush, or
+        with ``keep = 0`` is flushed but its commit not yet durable (counted in the save's
         ``backpressure_s``)."""
         t0 = time.perf_counter()
         waited = False
-        while not self._closed and self._waited_pins and not self.host.has_pooled(nbytes):
+        while (not self._closed and (self._waited_pins or self._durable_pending)
+               and not self.host.has_pooled(nbytes)):
             with self._spare_lock:
                 if self._spare_wanted == nbytes:
                     break  # a spare is being reserved (from a freed block, if one is pooled)
             self._released.clear()
             steps = await committed_steps(self.host)
-            if not any(self._waited_pins[s] and not self._base_pins[s]
-                       for s in steps[:-self.keep]):
+            freed = steps if self.reuse_newest else steps[:-self.keep]
+            if not any((self._waited_pins[s] or s in self._durable_pending)
+                       and not self._base_pins[s] for s in freed):
                 break
             await self._released.wait()
             waited = True

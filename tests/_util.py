@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -132,3 +135,22 @@ def with_host_keep(policy: Any, keep: int) -> Any:
 
     host, *rest = policy.tiers
     return dataclasses.replace(policy, tiers=(dataclasses.replace(host, keep=keep), *rest))
+
+
+@contextlib.contextmanager
+def host_peak(ckpt: Any) -> Iterator[list[int]]:
+    """``[peak]``: the most bytes ``ckpt``'s host tier held (blocks, manifests, pool) in the
+    body, sampled every millisecond."""
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.001):
+            if ckpt._commit.tiers:
+                peak[0] = max(peak[0], ckpt._commit.host.used_bytes)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()

@@ -21,7 +21,7 @@ import tiers.host
 from asymcheck.layout import host_shard_url, manifest_key, shard_manifest_key
 from asymcheck.manifest import Manifest
 from tests import _ranks
-from tests._util import assert_same, model_state, opt_state, with_host_keep
+from tests._util import assert_same, host_peak, model_state, opt_state, with_host_keep
 
 WORLD = 2
 WIDTH = 32
@@ -90,23 +90,28 @@ def _scenario_ddp_save(rank: int, work: Path) -> None:
 
 
 def _scenario_ddp_keep_0(rank: int, work: Path) -> None:
-    """Host keep = 0, each save flushed before the next: every save after the first stages
-    into the block of the newest host copy, on every rank; step 3 restores from there, and
-    from disk on a rank whose host copy is gone (a crash as its next save took it over)."""
+    """Host keep = 0, saves back to back: each save waits until the newest host copy is
+    committed on disk by both ranks and stages into its block, so each rank's shared memory
+    holds one block; step 3 restores from there, and from disk on a rank whose host copy is
+    gone (a crash as its next save took it over)."""
     model, opt, sched = _ddp_training(seed=0)
     torch.manual_seed(100 + rank)
     policy = _keep_0_policy(work)
     with asymcheck.Checkpointer(model, opt, policy=policy, extras={"sched": sched},
-                                replicated=("model",), mode="naive") as ckpt:
-        inodes = set()
+                                replicated=("model",), mode="naive") as ckpt, \
+            host_peak(ckpt) as peak:
+        handles = []
         for step in range(4):
             _ddp_step(model, opt, sched)
-            ckpt.save_sync(step).wait_all_sync(60)
-            ckpt.wait_idle_sync()
-            inodes |= {p.stat().st_ino for p in ckpt.host.directory.glob("step-*/data-*")}
+            handles.append(ckpt.save_sync(step))
+        for h in handles:
+            h.wait_all_sync(60)
+        ckpt.wait_idle_sync()
         expected = _state(model, [opt], sched)
         assert _steps(ckpt.host.directory, "step-*/manifest.msgpack") == [3]
-    assert len(inodes) == 1, f"rank {rank} staged into {len(inodes)} blocks"
+        block = ckpt.host.committed_bytes  # the newest copy: its block and manifest
+    assert peak[0] <= block, f"rank {rank} held {peak[0]} bytes, one copy is {block}"
+    assert sum(h.metrics.get("backpressure_s", 0) > 0 for h in handles) >= 1
     model, opt, sched = _ddp_training(seed=7)
     with asymcheck.Checkpointer(model, opt, policy=policy, extras={"sched": sched},
                                 replicated=("model",)) as ckpt:
