@@ -8,10 +8,12 @@ and AdamW moments) ``--saves`` times, ``--gap`` seconds apart, changing every te
 between saves (no allocation), and a sampler reads, every 5 ms, the resident memory of this
 process and its children plus the shared memory in use on the machine. Rounds interleave the
 methods, the order reversed every other round; a method's figure is its highest round.
+AsymCheck's rows also show the peak of its own host tier (its blocks, committed, being saved,
+spare and pooled), which counts nothing else that holds shared memory on the machine.
 
 The target: AsymCheck's peak at most the lower DCP-best peak plus one copy of the state.
 *asym+S+O keep 0* is asym+S+O with the host tier at ``keep = 0`` (a save takes over the block
-of the newest host copy once the disk holds it).
+of the newest host copy once the disk holds it, waiting for that flush if need be).
 
     python benchmarks/memory.py                  # GPT-2 6x512 (0.28 GB of state), a few minutes
     python benchmarks/memory.py --quick          # a small smoke run
@@ -85,6 +87,7 @@ def measure(method: Method, make: Callable[[], Workload], *, saves: int, gap: fl
     method.setup(w, workdir)
     trim_heap()
     memory = MemorySampler(0.005, children=method.child_processes)
+    memory.own_shm = method.own_shm_bytes()
     memory.start()
     t0 = time.perf_counter()
     try:
@@ -151,18 +154,23 @@ def main(argv: list[str] | None = None) -> int:
                 trim_heap()
             rows = [{"method": name,
                      **{key: max(r[key] for r in rs)
-                        for key in ("peak_host_bytes", "peak_shm_bytes", "peak_resident_bytes")},
+                        for key in ("peak_host_bytes", "peak_shm_bytes", "peak_resident_bytes",
+                                    "peak_own_shm_bytes") if key in rs[0]},
                      "by_round": rs} for name, rs in runs.items()]
             ref = min((r for r in rows if r["method"] in DCP_BEST),
                       key=lambda r: r["peak_host_bytes"])
             bound = ref["peak_host_bytes"] + state_bytes
             print(f"\nsaves {gap:g} s apart; the bound: {ref['method']} + one copy = "
                   f"{bound / 1e6:.1f} MB")
-            print(f"{'method':18s} {'peak':>9s} {'shared':>9s} {'resident':>9s} {'to bound':>9s}")
+            print(f"{'method':18s} {'peak':>9s} {'shared':>9s} {'own tier':>9s} {'resident':>9s} "
+                  f"{'to bound':>9s}")
             for r in rows:
                 r["to_bound_bytes"] = r["peak_host_bytes"] - bound
+                own = (f"{r['peak_own_shm_bytes'] / 1e6:7.1f}MB" if "peak_own_shm_bytes" in r
+                       else f"{'-':>9s}")
                 print(f"{r['method']:18s} {r['peak_host_bytes'] / 1e6:7.1f}MB "
-                      f"{r['peak_shm_bytes'] / 1e6:7.1f}MB {r['peak_resident_bytes'] / 1e6:7.1f}MB "
+                      f"{r['peak_shm_bytes'] / 1e6:7.1f}MB {own} "
+                      f"{r['peak_resident_bytes'] / 1e6:7.1f}MB "
                       f"{r['to_bound_bytes'] / 1e6:+8.1f}MB", flush=True)
             out["gaps"].append({"gap_s": gap, "reference": ref["method"], "bound_bytes": bound,
                                 "methods": rows})
