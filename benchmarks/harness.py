@@ -647,7 +647,12 @@ keep = 2
                     [h.metrics.get("overlapped_bytes", 0) for h in measured])
                 if measured else None,
                 "local_ratio": raw / stored if stored else None,
-                "local_batch_bytes_median": statistics.median(batches) if batches else None}
+                "local_batch_bytes_median": statistics.median(batches) if batches else None,
+                # each save's own figures (stall parts, backpressure, page-locking, mode), so
+                # that one run shows where a stall came from
+                "save_metrics": [{"step": h.step, **{k: v for k, v in h.metrics.items()
+                                                      if isinstance(v, (int, float, str, bool))}}
+                                 for h in self.handles]}
 
     def shm_dirs(self) -> list[Path]:
         return [shm_root() / self._host_name()]

@@ -39,13 +39,9 @@ class DcpBest(DcpAsync):
 
     def setup(self, w: Workload, workdir: Any) -> None:
         super().setup(w, workdir)
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
         from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
-        cuda = w.device.startswith("cuda")
-        self.stager = DefaultStager(StagingOptions(
-            use_pinned_memory=cuda, use_shared_memory=True, use_async_staging=True,
-            use_non_blocking_copy=cuda))
+        self.stager = self._new_stager()
         self.checkpointer_type = (AsyncCheckpointerType.PROCESS if self.kind == "process"
                                   else AsyncCheckpointerType.THREAD)
         self.own_group = False
@@ -56,6 +52,23 @@ class DcpBest(DcpAsync):
         self.staging: Any = None
         self.gate_s = 0.0
         self.hook = w.optimizer.register_step_pre_hook(self._await_staging)
+
+    def _new_stager(self) -> Any:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        cuda = self.w.device.startswith("cuda")
+        return DefaultStager(StagingOptions(
+            use_pinned_memory=cuda, use_shared_memory=True, use_async_staging=True,
+            use_non_blocking_copy=cuda))
+
+    def _stager_spent(self) -> bool:
+        """Some torch releases (2.11 among them) close the stager's copier after every staging:
+        that empties its storage cache and its copy table, and its next staging fails
+        (``KeyError: <class 'type'>``). There a new stager per save is the best the release
+        offers, since its cache is gone either way; where the copier stays open (later
+        releases), one stager serves every save and reuses its staged storages."""
+        copier = getattr(self.stager, "_state_dict_stager", None)
+        return copier is not None and not getattr(copier, "_deepcopy_dispatch", True)
 
     def _await_staging(self, *_: Any) -> None:
         """The step gate: the next optimizer step waits until the state is staged."""
@@ -72,6 +85,9 @@ class DcpBest(DcpAsync):
         self.saved_at[step] = t0
         if self.future is not None:  # one save in flight
             self.future.result()
+        if self._stager_spent():
+            self.stager.close()
+            self.stager = self._new_stager()
         path = self.workdir / f"step-{step}"
         writer = FileSystemWriter(str(path), single_file_per_rank=True, sync_files=True,
                                   thread_count=2)

@@ -694,7 +694,7 @@ def write_report(results: list[dict[str, Any]], out_dir: Path, total_s: float | 
             lines.append("")
     lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figs] + [""]
     path = out_dir / "REPORT.md"
-    path.write_text("\n".join(lines + appended_sections(path)))
+    path.write_text("\n".join(lines + appended_sections(path)) + "\n")
     return path
 
 

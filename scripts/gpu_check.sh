@@ -21,9 +21,14 @@ step() {  # step SECONDS NAME COMMAND...
   echo "=== $name: exit $rc"
   [[ $rc == 0 ]] || status=1
 }
-step 240 tests python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_cuda.py \
+step 150 tests python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_cuda.py \
   tests/test_snapshot.py tests/test_integration_deepspeed.py
-step 60 d2h python3 benchmarks/d2h.py --mib 1024 --out "$out/d2h.json"
-step 240 stall python3 benchmarks/stall.py --device cuda --layers 6 --width 768 --vocab 16384 \
-  --batch 16 --iterations 12 --out "$out/stall-cuda.json"
+step 45 d2h python3 benchmarks/d2h.py --mib 1024 --out "$out/d2h.json"
+# GPT-2 6x768, vocab 16384, batch 64: 663 MB of state. Every iteration, AsymCheck sends every
+# 20th save to the disk (no disk takes 663 MB per iteration); every 10, each save goes to disk.
+model=(--device cuda --layers 6 --width 768 --vocab 16384 --batch 64)
+step 300 stall-cuda-every1 python3 benchmarks/stall.py "${model[@]}" --every 1 --iterations 15 \
+  --local-every 20 --out "$out/stall-cuda-every1.json"
+step 200 stall-cuda-every10 python3 benchmarks/stall.py "${model[@]}" --every 10 \
+  --iterations 30 --out "$out/stall-cuda-every10.json"
 exit $status
