@@ -118,6 +118,7 @@ class Committer:
         stage = self.stage
         stage.page_lock = prep.on_device
         block = stage.take_spare(prep.layout.total_bytes)
+        t0 = time.perf_counter()
         if block is None and self._commits:
             # an earlier save is still committing: its retention frees a host copy and the
             # spare it then reserves reuses that memory, where a new block would hold one
@@ -126,6 +127,7 @@ class Committer:
             block = stage.take_spare(prep.layout.total_bytes)
         if block is None:
             block = yield stage.claim(prep.data_key, prep.layout.total_bytes, handle.metrics)
+        handle.metrics["block_wait_s"] = time.perf_counter() - t0  # part of the stall
         stage.copying(block)
         if stage.page_lock:
             yield stage.ready(block, handle.metrics)

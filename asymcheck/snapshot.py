@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ PAGE_ALIGN_FROM = 64 << 10
 DEFAULT_CHUNK_BYTES = 8 << 20
 #: a copier thread hashes what it copied after every HOT_BYTES, while those bytes are in cache
 HOT_BYTES = 256 << 10
+#: threads that hash what a device copied into a page-locked block (xxhash drops the GIL):
+#: those bytes arrive by DMA, not through a CPU's cache, so one thread would hash a whole
+#: state at ~10 GB/s while the next save waits for it
+HASH_THREADS = min(4, os.cpu_count() or 1)
 
 
 def tensor_nbytes(t: torch.Tensor) -> int:
@@ -136,13 +141,16 @@ class ChunkDigests:
     time). Fed by one thread at a time (the copier's), read once every copy is done.
 
     A chunk's hash streams over consecutive feeds; a chunk whose bytes arrive out of order,
-    or only in part, is left to the commit.
+    or only in part, is left to the commit. With a ``pool``, the whole chunks of one feed are
+    hashed on its threads at once.
     """
 
-    def __init__(self, slots: Sequence[int], sizes: Sequence[int], chunk_bytes: int) -> None:
+    def __init__(self, slots: Sequence[int], sizes: Sequence[int], chunk_bytes: int,
+                 pool: concurrent.futures.Executor | None = None) -> None:
         self._slots = list(slots)  # the slot of each deferred tensor
         self._sizes = list(sizes)
         self._chunk = chunk_bytes
+        self._pool = pool
         self._open: dict[tuple[int, int], tuple[xxhash.xxh64, int]] = {}
         #: (slot index, chunk offset in the tensor) -> xxh64 of the chunk
         self.digests: dict[tuple[int, int], int] = {}
@@ -153,13 +161,14 @@ class ChunkDigests:
         the block (``data`` is a flat uint8 view of them)."""
         view = data.data
         pos, end, size = start, start + view.nbytes, self._sizes[item]
+        whole: list[tuple[int, memoryview]] = []  # chunks that arrived whole: (first, bytes)
         while pos < end:
             first = pos - pos % self._chunk
             last = min(first + self._chunk, size)
             stop = min(end, last)
             part = view[pos - start:stop - start]
-            if pos == first and stop == last:  # the whole chunk at once
-                self._done(item, first, xxhash.xxh64_intdigest(part), last - first)
+            if pos == first and stop == last:
+                whole.append((first, part))
             else:
                 hasher, at = self._open.pop((item, first), (None, first))
                 if pos == first:
@@ -171,6 +180,12 @@ class ChunkDigests:
                     else:
                         self._open[(item, first)] = (hasher, stop)
             pos = stop
+        parts = [part for _, part in whole]
+        digests = (self._pool.map(xxhash.xxh64_intdigest, parts)
+                   if self._pool is not None and len(parts) > 1
+                   else map(xxhash.xxh64_intdigest, parts))
+        for (first, part), digest in zip(whole, digests, strict=True):
+            self._done(item, first, digest, part.nbytes)
 
     def feeder(self, item: int, start: int) -> Callable[[int, np.ndarray], None]:
         """``feed`` for the bytes of ``item`` from ``start`` on: takes (offset, data)."""
@@ -292,6 +307,10 @@ class AsymSnapshot:
 class Copier:
     """Runs launched copies off the training thread (CPU: one worker thread)."""
 
+    #: where the chunks it feeds are hashed in parallel (None: on its own thread, while the
+    #: bytes it just copied are in cache)
+    hash_pool: concurrent.futures.Executor | None = None
+
     def __init__(self) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asymcheck-copy")
         self._futures: set[concurrent.futures.Future[None]] = set()
@@ -352,6 +371,9 @@ class CudaCopier(Copier):
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
         self._ready = torch.cuda.Event()
+        self._hashers = concurrent.futures.ThreadPoolExecutor(
+            HASH_THREADS, thread_name_prefix="asymcheck-hash")
+        self.hash_pool = self._hashers
         self._feeds: list[Callable[[], None]] = []  # of the copies enqueued by this launch
 
     def start(self) -> None:
@@ -392,6 +414,10 @@ class CudaCopier(Copier):
             on_done()
 
         self._pool.submit(wait_then_done)
+
+    def close(self) -> None:
+        super().close()  # the copy thread, which hands chunks to the hash pool
+        self._hashers.shutdown(wait=True)
 
 
 #: cudaHostRegisterPortable: the pages count as pinned for every CUDA context of the process.

@@ -187,12 +187,12 @@ class Stager:
                 if i not in later:
                     copy_slot(t, slot, target)
             slots = prep.layout.slots
+            copier = self._copier_for(prep.tensors[deferred[0]].device)
             prep.hashed = ChunkDigests(deferred, [slots[i].nbytes for i in deferred],
-                                       prep.layout.chunk_bytes)
+                                       prep.layout.chunk_bytes, pool=copier.hash_pool)
             snapshot = AsymSnapshot(
                 plan, [prep.tensors[i] for i in deferred], [slots[i].offset for i in deferred],
-                target.numpy(), self._copier_for(prep.tensors[deferred[0]].device),
-                on_done=on_staged, digests=prep.hashed)
+                target.numpy(), copier, on_done=on_staged, digests=prep.hashed)
             handle.metrics["plan"] = plan.summary()
             with self._pending_lock:
                 self._pending = _Pending(snapshot, prep)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import copy
 import itertools
 import time
@@ -353,19 +355,10 @@ def test_cuda_snapshot_uses_side_stream_and_is_exact() -> None:
             assert_same(want, loaded.state["model"])
 
 
-@settings(max_examples=60, deadline=None)
-@given(sizes=st.lists(st.integers(1, 200), min_size=1, max_size=4),
-       cuts=st.lists(st.integers(1, 97), min_size=1, max_size=12),
-       skip=st.one_of(st.none(), st.integers(0, 30)))
-def test_chunk_digests_streamed_over_pieces_equal_each_chunks_checksum(
-        sizes: list[int], cuts: list[int], skip: int | None) -> None:
-    """Bytes fed in pieces of any size, in order, give every chunk its xxh64; a chunk with a
-    piece missing (left to the commit) gets none, and no other chunk is lost."""
-    chunk = 32
-    rng = np.random.default_rng(len(sizes) * 1000 + sum(cuts))
-    data = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
-    slots = [2 * i + 1 for i in range(len(sizes))]  # deferred tensors sit between others
-    digests = ChunkDigests(slots, sizes, chunk)
+def _pieces(sizes: list[int], cuts: list[int], skip: int | None
+            ) -> tuple[list[tuple[int, int, int]], tuple[int, int, int] | None]:
+    """Each tensor cut into pieces of the sizes in ``cuts`` (cycled), and the piece ``skip``
+    leaves out (None: none)."""
     pieces = []
     for item, n in enumerate(sizes):
         start, k = 0, 0
@@ -373,10 +366,36 @@ def test_chunk_digests_streamed_over_pieces_equal_each_chunks_checksum(
             stop = min(n, start + cuts[k % len(cuts)])
             pieces.append((item, start, stop))
             start, k = stop, k + 1
-    missing = pieces[skip % len(pieces)] if skip is not None else None
+    return pieces, pieces[skip % len(pieces)] if skip is not None else None
+
+
+def _feed_pieces(digests: ChunkDigests, sizes: list[int], cuts: list[int], skip: int | None,
+                 data: list[np.ndarray]) -> None:
+    pieces, missing = _pieces(sizes, cuts, skip)
     for item, start, stop in pieces:
         if (item, start, stop) != missing:
             digests.feed(item, start, data[item][start:stop])
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 200), min_size=1, max_size=4),
+       cuts=st.lists(st.integers(1, 97), min_size=1, max_size=12),
+       skip=st.one_of(st.none(), st.integers(0, 30)), threads=st.sampled_from([0, 3]))
+def test_chunk_digests_streamed_over_pieces_equal_each_chunks_checksum(
+        sizes: list[int], cuts: list[int], skip: int | None, threads: int) -> None:
+    """Bytes fed in pieces of any size, in order, give every chunk its xxh64, whether the whole
+    chunks of a piece are hashed on the feeding thread or on a pool's threads; a chunk with a
+    piece missing (left to the commit) gets none, and no other chunk is lost."""
+    chunk = 32
+    rng = np.random.default_rng(len(sizes) * 1000 + sum(cuts))
+    data = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+    slots = [2 * i + 1 for i in range(len(sizes))]  # deferred tensors sit between others
+    with contextlib.ExitStack() as stack:
+        pool = (stack.enter_context(concurrent.futures.ThreadPoolExecutor(threads))
+                if threads else None)
+        digests = ChunkDigests(slots, sizes, chunk, pool=pool)
+        _feed_pieces(digests, sizes, cuts, skip, data)
+    missing = _pieces(sizes, cuts, skip)[1]
     expected = {}
     for item, n in enumerate(sizes):
         for first in range(0, n, chunk):
