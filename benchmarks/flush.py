@@ -131,25 +131,35 @@ class Flusher:
                 "fit": m.get("local.fit")}
 
 
+def _size(value: str) -> int:
+    """An argparse type: a positive size with a unit ("64MiB")."""
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _sizes(value: str) -> list[str]:
+    """An argparse type: comma-separated sizes, each checked, kept as written (row names)."""
+    sizes = [v.strip() for v in value.split(",") if v.strip()]
+    for size in sizes:
+        _size(size)
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", default="1GiB", help="bytes of state per shape")
+    p.add_argument("--size", type=_size, default="1GiB", help="bytes of state per shape")
     p.add_argument("--rounds", type=int, default=5,
                    help="rounds of the kinds of writes per shape (order rotates)")
     p.add_argument("--dir", default=None,
                    help="a directory on the disk to measure (kept; default: a temporary one)")
-    p.add_argument("--batch-sizes", default="",
+    p.add_argument("--batch-sizes", type=_sizes, default=[],
                    help="fixed batch sizes flushed beside B*, comma-separated (e.g. "
                         "4MiB,64MiB): rows that show how well B* picks")
     p.add_argument("--out", default=str(RESULTS / "flush.json"))
     args = p.parse_args(argv)
-    fixed = [size.strip() for size in args.batch_sizes.split(",") if size.strip()]
-    for option, value in [("--size", args.size), *(("--batch-sizes", size) for size in fixed)]:
-        try:
-            parse_size(value)  # positive, with a unit
-        except ValueError as e:
-            p.error(f"{option}: {e}")
-    total = parse_size(args.size)
+    fixed, total = args.batch_sizes, args.size
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     rows = []
