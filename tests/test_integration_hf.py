@@ -47,9 +47,13 @@ sys.path.insert(0, str(EXAMPLES))
 from hf_common import RandomTokens  # noqa: E402
 
 
-def _run(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _run(argv: list[str], timeout: float = 300,
+         tmp: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``argv`` from the repository; ``tmp``: its temporary directory (torchrun makes its
+    log directories there)."""
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                               **({"TMPDIR": str(tmp)} if tmp is not None else {})})
 
 
 class _Snapshots(TrainerCallback):
@@ -136,11 +140,12 @@ def test_gpt2_example_killed_and_resumed_matches_an_uninterrupted_run() -> None:
 
 
 @pytest.mark.slow
-def test_two_ddp_ranks_under_torchrun_killed_and_resumed_match() -> None:
+def test_two_ddp_ranks_under_torchrun_killed_and_resumed_match(tmp_path: Path) -> None:
     """torchrun, 2 CPU ranks (gloo), DistributedDataParallel: rank 0 writes the model once;
     after SIGKILL the same command resumes and rank 0's losses match bit for bit."""
     out = _run([sys.executable, str(EXAMPLES / "hf_gpt2.py"), "--demo", "--nproc", "2",
-                "--steps", "8", "--every", "2", "--crash-at", "5", "--grad-accum", "2"])
+                "--steps", "8", "--every", "2", "--crash-at", "5", "--grad-accum", "2"],
+               tmp=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "restored step 4" in out.stdout
     written = re.search(r"model bytes per rank in the newest checkpoint: (\d+), (\d+)",
@@ -222,7 +227,7 @@ def test_two_fsdp2_ranks_under_torchrun_killed_and_resumed_match(
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node=2", str(script), "--steps", "8", "--every", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "ASYMCHECK_EXAMPLES": str(EXAMPLES)}
+           "ASYMCHECK_EXAMPLES": str(EXAMPLES), "TMPDIR": str(tmp_path)}
     code = kill_resume.demo(command, steps=8, crash_at=5, log_flag="--loss-log", env=env,
                             inspect=model_bytes)
     out = capfd.readouterr().out
