@@ -92,15 +92,16 @@ def raw_write_gbps(directory: Path, nbytes: int, block: int = 8 << 20,
 class Flusher:
     """A checkpointer whose local tier flushes ``state`` (batched or not); one save per call."""
 
-    def __init__(self, directory: Path, state: dict[str, torch.Tensor], batch: str) -> None:
+    def __init__(self, directory: Path, state: dict[str, torch.Tensor],
+                 batch: str | int) -> None:
+        """``batch``: the local tier's batch size, "auto", "off" or bytes."""
         self.nbytes = sum(t.nbytes for t in state.values())
         self.work = directory / f"flush-{uuid.uuid4().hex[:8]}"
         policy = asymcheck.Policy(tiers=(
             asymcheck.TierPolicy(name="host", url=f"shm://asymcheck-bench-{self.work.name}",
                                  keep=1, capacity_bytes=4 * self.nbytes),
             asymcheck.TierPolicy(name="local", url=f"file://{self.work}", keep=1,
-                                 batch_bytes=batch if batch in ("auto", "off")
-                                 else parse_size(batch)),
+                                 batch_bytes=batch),
         ))
         self.ckpt = asymcheck.Checkpointer(None, None, policy=policy,
                                            extras={"state": TensorBag(state)}, mode="naive")
@@ -139,12 +140,9 @@ def _size(value: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _sizes(value: str) -> list[str]:
-    """An argparse type: comma-separated sizes, each checked, kept as written (row names)."""
-    sizes = [v.strip() for v in value.split(",") if v.strip()]
-    for size in sizes:
-        _size(size)
-    return sizes
+def _sizes(value: str) -> dict[str, int]:
+    """An argparse type: comma-separated sizes, in bytes, by the size as written (row names)."""
+    return {v.strip(): _size(v.strip()) for v in value.split(",") if v.strip()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="rounds of the kinds of writes per shape (order rotates)")
     p.add_argument("--dir", default=None,
                    help="a directory on the disk to measure (kept; default: a temporary one)")
-    p.add_argument("--batch-sizes", type=_sizes, default=[],
+    p.add_argument("--batch-sizes", type=_sizes, default={},
                    help="fixed batch sizes flushed beside B*, comma-separated (e.g. "
                         "4MiB,64MiB): rows that show how well B* picks")
     p.add_argument("--out", default=str(RESULTS / "flush.json"))
@@ -168,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             nbytes = sum(t.nbytes for t in state.values())
             flushers = {"batched": Flusher(base, state, "auto"),
                         "unbatched": Flusher(base, state, "off"),
-                        **{f"batch {size}": Flusher(base, state, size) for size in fixed}}
+                        **{f"batch {name}": Flusher(base, state, nbytes)
+                           for name, nbytes in fixed.items()}}
             gbps: dict[str, list[float]] = {"raw": [], "raw+sync": [],
                                              **{kind: [] for kind in flushers}}
             try:

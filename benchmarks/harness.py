@@ -17,6 +17,7 @@ and the restore time per tier.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import copy
@@ -450,6 +451,16 @@ class Method:
         run's memory baseline was taken, hiding as much of that run's own memory."""
         for name in self.run_state:
             self.__dict__.pop(name, None)
+
+
+def method_names(p: argparse.ArgumentParser, spec: str, known: Sequence[str]) -> list[str]:
+    """The methods a ``--methods`` list names (comma-separated), checked against ``known``
+    (``p.error`` on an unknown one); the no-checkpoint row, which every ratio needs, first."""
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = set(names) - set(known)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; known: {', '.join(known)}")
+    return names if NoCheckpoint.name in names else [NoCheckpoint.name, *names]
 
 
 class NoCheckpoint(Method):

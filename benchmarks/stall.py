@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -29,6 +30,7 @@ from harness import (
     TorchSave,
     gpt2_workload,
     machine_info,
+    method_names,
     run,
     work_dir,
 )
@@ -78,12 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             AsymCheckMethod("asymcheck naive", "naive", local=local),
             *best_peers(), DcpAsync(), TorchSave()]
         if args.methods:
-            wanted = [m.strip() for m in args.methods.split(",")]
-            unknown = set(wanted) - {m.name for m in methods}
-            if unknown:
-                p.error(f"unknown methods {sorted(unknown)}; known: "
-                        f"{', '.join(m.name for m in methods)}")
-            methods = [m for m in methods if m.name in wanted or isinstance(m, NoCheckpoint)]
+            wanted = method_names(p, args.methods, [m.name for m in methods])
+            methods = [m for m in methods if m.name in wanted]
         rows = []
         for m in methods:
             r = run(m, make, warmup=warmup, iterations=args.iterations, every=args.every,
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         add_cpu_cost(r, baseline, state_bytes)
     dcp = best_dcp(rows)
 
-    def overhead_of(r: dict) -> float:  # type: ignore[type-arg]
+    def overhead_of(r: dict[str, Any]) -> float:
         return baseline["throughput_it_s"] / r["throughput_it_s"] - 1
 
     dcp_overhead = overhead_of(dcp)

@@ -62,6 +62,7 @@ from harness import (
     interleaved,
     machine_info,
     make_workload,
+    method_names,
     model_config,
     run,
 )
@@ -768,12 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.host_states is None:
         args.host_states = 3.0 if args.preset == "gpu-1b" else 5.0
     if args.methods:
-        args.methods = [m.strip() for m in args.methods.split(",")]
-        unknown = set(args.methods) - set(METHODS)
-        if unknown:
-            p.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
-        if "no checkpoint" not in args.methods:
-            args.methods.insert(0, "no checkpoint")
+        args.methods = method_names(p, args.methods, METHODS)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         if m not in MODELS:
