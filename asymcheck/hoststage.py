@@ -41,11 +41,11 @@ from typing import Any
 from tiers.host import HostBlock, HostTier
 from tiers.local import buffer_address
 
+from .copier import pin_memory
 from .handle import Completion
 from .layout import spare_key
 from .manifest import committed_steps
 from .retention import delete_step
-from .snapshot import pin_memory
 
 log = logging.getLogger(__name__)
 

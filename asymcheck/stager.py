@@ -23,6 +23,7 @@ import torch
 
 from tiers.host import HostBlock
 
+from .copier import Copier, CudaCopier
 from .handle import SaveHandle
 from .layout import data_name, new_save_id, step_dir, step_key
 from .partition import BackwardPolicy, ForwardPolicy, PartitionPlan, make_plan
@@ -31,8 +32,6 @@ from .sharding import local_tensor
 from .snapshot import (
     AsymSnapshot,
     ChunkDigests,
-    Copier,
-    CudaCopier,
     Layout,
     block_tensor,
     copy_into,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from asymcheck.snapshot import pin_memory
+from asymcheck.copier import pin_memory
 from tiers.host import HostTier
 
 RESULTS = Path(__file__).resolve().parent / "results"

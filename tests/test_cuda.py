@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import asymcheck
-from asymcheck.snapshot import pin_memory
+from asymcheck.copier import pin_memory
 from tests._util import assert_same, opt_state
 from tiers.host import HostTier
 
