@@ -188,8 +188,9 @@ class Committer:
         handle, host = prep.handle, self.host
         try:
             hashed = prep.hashed
-            metas = await asyncio.to_thread(prep.layout.tensor_metas, block.view, prep.data_name,
-                                            None if hashed is None else hashed.digests)
+            metas = await asyncio.to_thread(
+                lambda: prep.layout.tensor_metas(block.view, prep.data_name,
+                                                 None if hashed is None else hashed.result()))
             if hashed is not None:
                 handle.metrics["hashed_while_copying_bytes"] = hashed.nbytes
             await block.commit(prep.data_key)

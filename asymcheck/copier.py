@@ -119,8 +119,8 @@ class CudaCopier(Copier):
         event = torch.cuda.Event()
         event.record(self.stream)
 
-        def arrived() -> None:  # a host thread learns when the bytes are in, and hashes
-            event.synchronize()  # them while the side stream copies the next partition
+        def arrived() -> None:  # a host thread learns when the bytes are in, and hands
+            event.synchronize()  # them to the hash threads
             for feed in feeds:
                 feed()
 

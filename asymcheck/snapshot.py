@@ -134,11 +134,13 @@ class ChunkDigests:
     """Checksums of the deferred tensors' chunks, computed as the copier puts their bytes in
     the block, while those bytes are still in cache: the commit then checksums only the
     chunks not fed here (the residual, copied at the step gate, and what was copied at save
-    time). Fed by one thread at a time (the copier's), read once every copy is done.
+    time). Fed by one thread at a time (the copier's); ``result`` gives them once every copy
+    is done.
 
     A chunk's hash streams over consecutive feeds; a chunk whose bytes arrive out of order,
-    or only in part, is left to the commit. With a ``pool``, the whole chunks of one feed are
-    hashed on its threads at once.
+    or only in part, is left to the commit. With a ``pool``, each chunk that arrives whole is
+    hashed on its threads while the feeding thread goes on, so the chunks of many feeds (most
+    tensors are one chunk each) are hashed at once.
     """
 
     def __init__(self, slots: Sequence[int], sizes: Sequence[int], chunk_bytes: int,
@@ -149,8 +151,10 @@ class ChunkDigests:
         self._pool = pool
         self._open: dict[tuple[int, int], tuple[xxhash.xxh64, int]] = {}
         #: (slot index, chunk offset in the tensor) -> xxh64 of the chunk
-        self.digests: dict[tuple[int, int], int] = {}
-        self.nbytes = 0  # bytes whose checksum is in ``digests``
+        self._digests: dict[tuple[int, int], int] = {}
+        #: chunks hashed on the pool: (key in ``_digests``, nbytes, future digest)
+        self._hashing: list[tuple[tuple[int, int], int, concurrent.futures.Future[int]]] = []
+        self.nbytes = 0  # bytes whose checksum is in ``result()``
 
     def feed(self, item: int, start: int, data: np.ndarray) -> None:
         """Bytes [start, start + len(data)) of deferred tensor ``item``, as they are now in
@@ -176,20 +180,29 @@ class ChunkDigests:
                     else:
                         self._open[(item, first)] = (hasher, stop)
             pos = stop
-        parts = [part for _, part in whole]
-        digests = (self._pool.map(xxhash.xxh64_intdigest, parts)
-                   if self._pool is not None and len(parts) > 1
-                   else map(xxhash.xxh64_intdigest, parts))
-        for (first, part), digest in zip(whole, digests, strict=True):
-            self._done(item, first, digest, part.nbytes)
+        for first, part in whole:
+            if self._pool is None:
+                self._done(item, first, xxhash.xxh64_intdigest(part), part.nbytes)
+            else:
+                self._hashing.append(((self._slots[item], first), part.nbytes,
+                                      self._pool.submit(xxhash.xxh64_intdigest, part)))
 
     def feeder(self, item: int, start: int) -> Callable[[int, np.ndarray], None]:
         """``feed`` for the bytes of ``item`` from ``start`` on: takes (offset, data)."""
         return lambda offset, data: self.feed(item, start + offset, data)
 
     def _done(self, item: int, first: int, digest: int, nbytes: int) -> None:
-        self.digests[(self._slots[item], first)] = digest
+        self._digests[(self._slots[item], first)] = digest
         self.nbytes += nbytes
+
+    def result(self) -> dict[tuple[int, int], int]:
+        """(slot index, chunk offset in the tensor) -> xxh64 of every chunk fed whole or
+        streamed in order; waits for those still hashed on the pool (call off the loop)."""
+        hashing, self._hashing = self._hashing, []
+        for key, nbytes, digest in hashing:
+            self._digests[key] = digest.result()
+            self.nbytes += nbytes
+        return self._digests
 
 
 def block_tensor(view: memoryview) -> torch.Tensor:
