@@ -94,6 +94,9 @@ class Stager:
             "max_partition_bytes": max_partition_bytes}
         self._plans: dict[tuple[Any, ...], PartitionPlan] = {}
         self._layout: tuple[Any, Layout] | None = None  # the last save's, by its key
+        #: the last save's deferrable tensors: (layout, their addresses, the gated
+        #: optimizers' sizes), indices
+        self._deferred: tuple[tuple[Layout, list[int], list[int]], tuple[int, ...]] | None = None
         self._pending: _Pending | None = None
         self._pending_lock = threading.Lock()
         self._gate_lock = threading.RLock()
@@ -140,11 +143,24 @@ class Stager:
             self._layout = key, Layout.plan(paths, tensors, self.chunk_bytes)
         return self._layout[1]
 
-    def _deferrable(self, tensors: tuple[torch.Tensor, ...]) -> list[int]:
+    def _deferrable(self, tensors: tuple[torch.Tensor, ...], layout: Layout) -> tuple[int, ...]:
         """Indices of tensors that only an optimizer step changes (parameters and optimizer
         state): those may be copied during the next forward and backward passes. Buffers,
         RNG and extras change elsewhere and are copied at save time, except an extra's
-        tensors that are the gated optimizers' parameters or state (``snapshot_hooks``)."""
+        tensors that are the gated optimizers' parameters or state (``snapshot_hooks``).
+
+        Found again only when the layout, the addresses of the tensors found last time, or
+        the number of parameters a gated optimizer steps or holds state for change (a walk over
+        every parameter and state tensor is most of a save's work on the training thread when
+        they are many): the same tensors at the same addresses are the same parameters and
+        state. A tensor found not deferrable stays so until then, which is always safe: it is
+        copied at save time."""
+        states = [n for o in self._gates
+                  for n in (len(o.state), *(len(g["params"]) for g in o.param_groups))]
+        last = self._deferred
+        if last is not None and last[0][0] is layout and last[0][2] == states \
+                and last[0][1] == [tensors[i].data_ptr() for i in last[1]]:
+            return last[1]
         owned: set[tuple[int, int]] = set()
         if self._windows is not None:
             owned.update((p.data_ptr(), p.nbytes)
@@ -154,8 +170,10 @@ class Stager:
                 owned.update((v.data_ptr(), v.nbytes)
                              for v in map(local_tensor, (param, *st.values()))
                              if isinstance(v, torch.Tensor))
-        return [i for i, t in enumerate(tensors)
-                if t.nbytes and t.is_contiguous() and (t.data_ptr(), t.nbytes) in owned]
+        found = tuple(i for i, t in enumerate(tensors)
+                      if t.nbytes and t.is_contiguous() and (t.data_ptr(), t.nbytes) in owned)
+        self._deferred = (layout, [tensors[i].data_ptr() for i in found], states), found
+        return found
 
     def _plan(self, sizes: tuple[int, ...]) -> PartitionPlan | None:
         profile = self.profiler.profile if self.profiler is not None else None
@@ -176,7 +194,7 @@ class Stager:
         (now in naive mode, after the deferred copies in asym mode)."""
         handle = prep.handle
         target = block_tensor(block.view)
-        deferred = self._deferrable(prep.tensors) if self.mode == "asym" else []
+        deferred = self._deferrable(prep.tensors, prep.layout) if self.mode == "asym" else ()
         plan = self._plan(tuple(prep.tensors[i].nbytes for i in deferred))
         if plan is None:
             copy_into(prep.tensors, prep.layout, target)

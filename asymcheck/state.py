@@ -76,19 +76,28 @@ def flatten(state: Any) -> FlatState:
     """
     paths: list[str] = []
     tensors: list[torch.Tensor] = []
-    seen: dict[tuple[Any, ...], int] = {}
+    starts: dict[int, int] = {}  # data_ptr -> the first leaf (with elements) that starts there
+    shared: dict[int, list[int]] = {}  # data_ptr -> every such leaf, where there are several
+    strided = torch.strided
 
     def leaf(t: torch.Tensor, path: str) -> int:
-        if t.is_sparse or t.layout != torch.strided:
+        if t.layout != strided:
             raise TypeError(f"{path}: only dense (strided) tensors can be checkpointed")
-        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-        if t.numel() and key in seen:
-            return seen[key]
-        paths.append(path)
-        tensors.append(t.detach() if t.requires_grad else t)
+        if t.requires_grad:
+            t = t.detach()
+        index = len(tensors)
         if t.numel():
-            seen[key] = len(tensors) - 1
-        return len(tensors) - 1
+            ptr = t.data_ptr()
+            first = starts.setdefault(ptr, index)
+            if first != index:  # the same view of the same memory is one leaf (tied weights)
+                same = shared.setdefault(ptr, [first])
+                for i in same:
+                    if _same_view(tensors[i], t):
+                        return i
+                same.append(index)
+        paths.append(path)
+        tensors.append(t)
+        return index
 
     def walk(obj: Any, path: str) -> Any:
         if isinstance(obj, torch.Tensor):
@@ -99,16 +108,16 @@ def flatten(state: Any) -> FlatState:
                 index = leaf(local, path) if sharding.writes_chunk(obj) else -1
                 return ShardRef(index, name, tuple(obj.shape), offsets, sizes)
             return TensorRef(leaf(obj, path))
-        if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        if type(obj) in _PLAIN or isinstance(obj, (bool, int, float, str, bytes)):
             return obj
         if isinstance(obj, np.ndarray):
             return obj
         if isinstance(obj, np.generic):
             return obj.item()
-        if isinstance(obj, Mapping):
+        if type(obj) is dict or isinstance(obj, Mapping):
             out = {}
             for k, v in obj.items():
-                if not isinstance(k, (str, int)) or isinstance(k, bool):
+                if type(k) is not str and (not isinstance(k, (str, int)) or isinstance(k, bool)):
                     raise TypeError(f"{path}: dict key {k!r} must be str or int")
                 out[k] = walk(v, f"{path}/{k}" if path else str(k))
             return out
@@ -122,6 +131,12 @@ def flatten(state: Any) -> FlatState:
 
     skeleton = walk(state, "")
     return FlatState(skeleton, tuple(paths), tuple(tensors))
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors that start at the same address are the same view of it."""
+    return (a.device == b.device and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride())
 
 
 def map_leaves(obj: Any, leaf: Callable[[Any, str], Any], path: str = "") -> Any:

@@ -226,6 +226,59 @@ def test_staged_completes_without_a_further_step(tmp_path: Path) -> None:
         assert handle.metrics["residual_bytes"] == handle.metrics["plan"]["total_bytes"]
 
 
+def test_a_parameter_turned_buffer_is_copied_at_save_time_again() -> None:
+    """The tensors a save defers are found again when the model or optimizer changes between
+    saves: a bias made a buffer (same name, same place in the state, same memory) is no
+    longer deferred, nor is one whose buffer has new memory while the optimizer still steps
+    the parameter; a parameter given new memory still is; every save restores bit-exactly."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # no momentum: no optimizer state
+
+    def step(i: int) -> None:
+        model(torch.randn(8, 64, generator=torch.Generator().manual_seed(i))).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    nbytes = 64 * 4
+    with asymcheck.Checkpointer(model, opt, policy=host_only(12), warmup_iterations=2,
+                                min_partition_bytes=1024) as ckpt:
+        handles = []
+        for i in range(5):
+            step(i)
+            handles.append(ckpt.save_sync(i))
+        total = handles[-1].metrics["plan"]["total_bytes"]
+        assert total == sum(p.nbytes for p in model.parameters())
+        bias = model[0].bias
+        del model[0].bias
+        model[0].register_buffer("bias", bias.detach())  # same path and place, same memory
+        opt.param_groups[0]["params"] = [p for p in opt.param_groups[0]["params"]
+                                         if p is not bias]
+        step(5)
+        moved = ckpt.save_sync(5)
+        assert moved.metrics["plan"]["total_bytes"] == total - nbytes
+        want = copy.deepcopy(model.state_dict())
+        model[1].weight.data = model[1].weight.data.clone()  # new memory, still a parameter
+        step(6)
+        again = ckpt.save_sync(6)
+        assert again.metrics["plan"]["total_bytes"] == total - nbytes
+        want_6 = copy.deepcopy(model.state_dict())
+        orphan = model[1].bias  # still stepped by the optimizer, no longer in the model
+        del model[1].bias
+        model[1].register_buffer("bias", orphan.detach().clone())  # same path, new memory
+        step(7)
+        last = ckpt.save_sync(7)
+        assert last.metrics["plan"]["total_bytes"] == total - 2 * nbytes
+        want_7 = copy.deepcopy(model.state_dict())
+        step(8)  # the windows of step 8 copy save 7's deferred tensors
+        for h in (moved, again, last):
+            h.staged.wait(60)
+        for i, expected in ((5, want), (6, want_6), (7, want_7)):
+            loaded = ckpt.load_sync(i)
+            assert loaded is not None
+            assert_same(expected, loaded.state["model"])
+
+
 def test_plan_partitions_sum_exactly_and_forward_ones_are_smaller() -> None:
     windows = []
     for i in range(4):
