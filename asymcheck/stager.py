@@ -132,6 +132,8 @@ class Stager:
         layout = self._layout_of(flat.paths, flat.tensors)
         scheduled, tiers = tiers_for(layout.total_bytes)
         handle = SaveHandle.create(step, tiers, kick=self.finish_pending)
+        # part of the stall: the state dicts, their flattening and the layout
+        handle.metrics["capture_s"] = time.perf_counter() - started
         return Prepared(step, new_save_id(), flat.tensors, layout, pack_skeleton(flat.skeleton),
                         handle, started, any(t.is_cuda for t in flat.tensors), scheduled)
 
