@@ -157,8 +157,9 @@ class Stager:
         they are many): the same tensors at the same addresses are the same parameters and
         state. A tensor found not deferrable stays so until then, which is always safe: it is
         copied at save time."""
-        states = [n for o in self._gates
-                  for n in (len(o.state), *(len(g["params"]) for g in o.param_groups))]
+        states = [n for o in self._gates  # a gate may be a wrapper without param_groups
+                  for n in (len(o.state),
+                            *(len(g["params"]) for g in getattr(o, "param_groups", ())))]
         last = self._deferred
         if last is not None and last[0][0] is layout and last[0][2] == states \
                 and last[0][1] == [tensors[i].data_ptr() for i in last[1]]:

@@ -279,6 +279,50 @@ def test_a_parameter_turned_buffer_is_copied_at_save_time_again() -> None:
             assert_same(expected, loaded.state["model"])
 
 
+class _Wrapped:
+    """An optimizer as a framework may hand it over (the torch optimizer as ``optimizer``):
+    state, state_dict and step pre-hooks, no param_groups."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.optimizer = inner
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def register_step_pre_hook(self, hook: Callable[..., Any]) -> Any:
+        return self.optimizer.register_step_pre_hook(hook)
+
+
+def test_an_optimizer_without_param_groups_is_gated_and_its_state_deferred() -> None:
+    model, loss_fn = gpt2()
+    inner = torch.optim.AdamW(model.parameters())
+    with asymcheck.Checkpointer(model, _Wrapped(inner), policy=host_only(3),
+                                warmup_iterations=2) as ckpt:
+        handles = []
+        for step in range(5):
+            loss_fn(step).backward()
+            inner.step()
+            inner.zero_grad()
+            handles.append(ckpt.save_sync(step))
+        want = copy.deepcopy((model.state_dict(), opt_state(model, inner)))
+        loss_fn(5).backward()
+        inner.step()  # the copies of save 4 run in this step's windows, behind its gate
+        handles[-1].staged.wait(60)
+        assert handles[-1].metrics["mode"] == "asym"
+        assert handles[-1].metrics["overlapped_bytes"] > 0
+        loaded = ckpt.load_sync(4)
+        assert loaded is not None
+        assert_same(want[0], loaded.state["model"])
+        assert_same(want[1], loaded.state["optimizers"][0])
+
+
 def test_plan_partitions_sum_exactly_and_forward_ones_are_smaller() -> None:
     windows = []
     for i in range(4):

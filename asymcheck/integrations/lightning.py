@@ -64,8 +64,8 @@ log = logging.getLogger(__name__)
 
 
 class _GatedOptimizer:
-    """A torch optimizer as the Checkpointer sees it: state and ``state_dict`` are the
-    optimizer's, step pre-hooks run when the callback calls ``fire`` (Lightning's
+    """A torch optimizer as the Checkpointer sees it: state, param groups and ``state_dict``
+    are the optimizer's, step pre-hooks run when the callback calls ``fire`` (Lightning's
     ``on_before_optimizer_step``) instead of before the closure."""
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
@@ -75,6 +75,10 @@ class _GatedOptimizer:
     @property
     def state(self) -> Any:
         return self.optimizer.state
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
 
     def state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
