@@ -2,8 +2,8 @@
 
 ``Copier`` copies launched partitions of CPU state on one worker thread, hashing what it
 copied while it is in cache; ``CudaCopier`` enqueues them on a side stream into page-locked
-memory and hashes each partition on a few threads once its bytes are in; ``pin_memory``
-page-locks a block for those copies (cudaHostRegister).
+memory and, once a partition's bytes are in, hands each of its chunks to a few hash
+threads; ``pin_memory`` page-locks a block for those copies (cudaHostRegister).
 """
 
 from __future__ import annotations

@@ -160,10 +160,11 @@ class Stager:
         states = [n for o in self._gates  # a gate may be a wrapper without param_groups
                   for n in (len(o.state),
                             *(len(g["params"]) for g in getattr(o, "param_groups", ())))]
-        last = self._deferred
-        if last is not None and last[0][0] is layout and last[0][2] == states \
-                and last[0][1] == [tensors[i].data_ptr() for i in last[1]]:
-            return last[1]
+        if self._deferred is not None:
+            (last_layout, addresses, last_states), last = self._deferred
+            if (last_layout is layout and last_states == states
+                    and addresses == [tensors[i].data_ptr() for i in last]):
+                return last
         owned: set[tuple[int, int]] = set()
         if self._windows is not None:
             owned.update((p.data_ptr(), p.nbytes)

@@ -35,6 +35,12 @@ def add_cpu_cost(row: dict[str, Any], baseline: dict[str, Any], state_bytes: int
         v for g, v in cpu["minflt"].items() if g not in training) / saves
 
 
+def overhead(row: dict[str, Any], baseline: dict[str, Any]) -> float:
+    """A row's overhead over the no-checkpoint row: its median checkpoint period (throughput)
+    against the baseline's, which holds the saving iteration at any ``every``."""
+    return float(baseline["throughput_it_s"] / row["throughput_it_s"] - 1)
+
+
 def best_dcp(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The better of the DCP-best rows (the higher throughput: the shorter median checkpoint
     period, which holds the saving iteration; a median iteration would leave it out at every

@@ -17,11 +17,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from costs import add_cpu_cost, best_dcp
+from costs import add_cpu_cost, best_dcp, overhead
 from harness import (
     AsymCheckMethod,
     DcpAsync,
@@ -95,22 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows[1:]:
         add_cpu_cost(r, baseline, state_bytes)
     dcp = best_dcp(rows)
-
-    def overhead_of(r: dict[str, Any]) -> float:
-        return baseline["throughput_it_s"] / r["throughput_it_s"] - 1
-
-    dcp_overhead = overhead_of(dcp)
+    dcp_overhead = overhead(dcp, baseline)
     print(f"\nagainst {dcp['method']} (the better DCP-best row)")
     print(f"{'method':18s} {'stall med':>10s} {'stall p90':>10s} {'overhead':>9s} "
           f"{'stall/DCP':>10s} {'overhead/DCP':>13s} {'CPU-s/GB':>9s} {'faults/save':>12s} "
           f"{'bg CPU-s/GB':>12s} {'bg faults/save':>15s}")
     for r in rows[1:]:
-        overhead = overhead_of(r)
-        r["overhead"] = overhead
+        r["overhead"] = overhead(r, baseline)
         r["stall_ratio_to_dcp"] = r["stall_s_median"] / dcp["stall_s_median"]
-        r["overhead_ratio_to_dcp"] = overhead / dcp_overhead if dcp_overhead > 0 else None
+        r["overhead_ratio_to_dcp"] = (r["overhead"] / dcp_overhead if dcp_overhead > 0
+                                      else None)
         print(f"{r['method']:18s} {r['stall_s_median'] * 1e3:8.1f}ms "
-              f"{r['stall_s_p90'] * 1e3:8.1f}ms {overhead * 100:8.1f}% "
+              f"{r['stall_s_p90'] * 1e3:8.1f}ms {r['overhead'] * 100:8.1f}% "
               f"{r['stall_ratio_to_dcp']:10.3f} "
               f"{(r['overhead_ratio_to_dcp'] or float('nan')):13.3f} "
               f"{r['cpu_s_per_gb']:9.2f} {r['minflt_per_save']:12.0f} "
