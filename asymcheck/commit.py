@@ -26,7 +26,7 @@ from .errors import TierSkipped
 from .handle import SaveHandle
 from .hoststage import HostStage
 from .layout import committed_in, group_step_dirs, manifest_key
-from .manifest import FileMeta, Manifest
+from .manifest import FileMeta, Manifest, TensorMeta
 from .policy import Policy
 from .retention import delete_step, kept_bases, plan_uncommitted, settled_uncommitted
 from .schedule import FlushJob, FlushScheduler, Job
@@ -188,9 +188,12 @@ class Committer:
         handle, host = prep.handle, self.host
         try:
             hashed = prep.hashed
-            metas = await asyncio.to_thread(
-                lambda: prep.layout.tensor_metas(block.view, prep.data_name,
-                                                 None if hashed is None else hashed.result()))
+
+            def chunk_table() -> tuple[TensorMeta, ...]:
+                prep.objects  # noqa: B018  (packs the skeleton here, off the loop)
+                return prep.layout.tensor_metas(block.view, prep.data_name,
+                                                None if hashed is None else hashed.result())
+            metas = await asyncio.to_thread(chunk_table)
             if hashed is not None:
                 handle.metrics["hashed_while_copying_bytes"] = hashed.nbytes
             await block.commit(prep.data_key)

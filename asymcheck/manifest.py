@@ -50,8 +50,24 @@ class ChunkMeta(NamedTuple):
     stored_xxh64: int | None = None  # of the stored bytes, when they differ from the decoded
 
 
-@dataclass(frozen=True)
-class TensorMeta:
+_new_tuple = tuple.__new__
+
+
+def raw_chunk(file: str, offset: int, nbytes: int, raw_offset: int, xxh64: int) -> ChunkMeta:
+    """A chunk stored as it is (``codec = "raw"``): built without the keyword handling of
+    ``ChunkMeta(...)``, at half its cost; a save's chunk table makes one per chunk."""
+    return _new_tuple(ChunkMeta, (file, offset, nbytes, raw_offset, nbytes, xxh64, "raw", 1,
+                                  None, None))
+
+
+class TensorMeta(NamedTuple):
+    """One tensor of a checkpoint and its chunks.
+
+    A tuple, as ``ChunkMeta`` is: a save builds one per tensor, and tuples of plain values
+    leave the garbage collector's tracking, where thousands of objects kept from one
+    iteration to the next would each make its full passes (which hold every thread) longer.
+    """
+
     path: str
     dtype: str
     shape: tuple[int, ...]
@@ -134,9 +150,8 @@ class Manifest:
             "objects": self.objects, "world_size": self.world_size, "info": self.info,
             "files": [[f.key, f.size] for f in self.files],
             "segments": self.segments,
-            "tensors": [[t.path, t.dtype, list(t.shape), t.nbytes,
-                         t.chunks]
-                        for t in self.tensors],
+            # each TensorMeta packs as [path, dtype, shape, nbytes, chunks], as it is
+            "tensors": self.tensors,
         }, use_bin_type=True)
         return msgpack.packb({"format": FORMAT, "version": VERSION, "body": body,
                               "xxh64": checksum(body)}, use_bin_type=True)

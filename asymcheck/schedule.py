@@ -19,7 +19,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from tiers.base import Tier
@@ -318,7 +318,7 @@ class FlushScheduler:
                 chunks = await self._store(writer, st, meta, raw, views, codec, base, base_raw)
                 await writer.end_tensor()
                 out.add(meta, codec, est, decided, chunks)
-                out.tensors.append(meta if codec == "raw" else replace(meta, chunks=tuple(chunks)))
+                out.tensors.append(meta if codec == "raw" else meta._replace(chunks=tuple(chunks)))
             return await writer.finish()
         finally:
             for v in (*views.values(), *base_views.values()):
@@ -359,7 +359,7 @@ class FlushScheduler:
             raw = view[pos:pos + n]
             if index not in choices:  # one codec per tensor, chosen on its first piece
                 choices[index] = await self._choose(
-                    tier, st, replace(meta, nbytes=slot.nbytes), raw, None)
+                    tier, st, meta._replace(nbytes=slot.nbytes), raw, None)
             codec, est, decided = choices[index]
             chunks = await self._store(writer, st, meta, raw, {piece.name: view}, codec,
                                        None, None, raw_offset=start)

@@ -21,7 +21,7 @@ import xxhash
 
 from tiers.local import DIRECT_ALIGN
 
-from .manifest import ChunkMeta, TensorMeta, checksum
+from .manifest import ChunkMeta, TensorMeta, checksum, raw_chunk
 from .partition import Partition, PartitionPlan
 from .state import dtype_name
 
@@ -73,25 +73,30 @@ class Layout:
     def signature(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
         return tuple((s.path, s.dtype, s.shape) for s in self.slots)
 
+    @functools.cached_property
+    def _chunks(self) -> tuple[tuple[tuple[int, int, int], ...], ...]:
+        """Per slot, each chunk's (offset in the block, length, offset in the tensor)."""
+        return tuple(tuple((s.offset + r, min(self.chunk_bytes, s.nbytes - r), r)
+                           for r in range(0, max(s.nbytes, 1), self.chunk_bytes))
+                     for s in self.slots)
+
     def tensor_metas(self, view: memoryview, file: str,
                      known: dict[tuple[int, int], int] | None = None) -> tuple[TensorMeta, ...]:
         """Chunk table of the block in ``view``. ``known`` holds checksums already computed
         (``ChunkDigests``), by (slot index, chunk offset in the tensor); the others are
-        computed here: call off-thread."""
+        computed here: call off-thread. Built at every save, one entry per chunk, on a
+        thread that shares the interpreter with training: the geometry is the layout's."""
         known = known or {}
         metas = []
-        for i, s in enumerate(self.slots):
+        for i, (s, geometry) in enumerate(zip(self.slots, self._chunks, strict=True)):
             chunks = []
-            for r in range(0, max(s.nbytes, 1), self.chunk_bytes):
-                n = min(self.chunk_bytes, s.nbytes - r)
+            for at, n, r in geometry:
                 digest = known.get((i, r))
                 if digest is None:
-                    digest = checksum(view[s.offset + r:s.offset + r + n])
-                chunks.append(ChunkMeta(file=file, offset=s.offset + r, stored_len=n,
-                                        raw_offset=r, raw_len=n, xxh64=digest))
+                    digest = checksum(view[at:at + n])
+                chunks.append(raw_chunk(file, at, n, r, digest))
             metas.append(TensorMeta(s.path, s.dtype, s.shape, s.nbytes, tuple(chunks)))
         return tuple(metas)
-
 
     def pieces(self, piece_bytes: int) -> list[list[tuple[int, int, int]]]:
         """The state cut into pieces of at most ``piece_bytes`` (a tensor may span pieces, and
@@ -123,9 +128,7 @@ class Layout:
         """Chunk metadata (with checksums) of one piece laid out back to back in ``view``."""
         out, pos = [], 0
         for slot_index, start, n in segments:
-            out.append((slot_index, ChunkMeta(file=file, offset=pos, stored_len=n,
-                                              raw_offset=start, raw_len=n,
-                                              xxh64=checksum(view[pos:pos + n]))))
+            out.append((slot_index, raw_chunk(file, pos, n, start, checksum(view[pos:pos + n]))))
             pos += n
         return out
 

@@ -12,6 +12,7 @@ that residual is the only stall.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -51,13 +52,19 @@ class Prepared:
     save_id: str
     tensors: tuple[torch.Tensor, ...]
     layout: Layout
-    objects: bytes
+    skeleton: Any  # everything but the tensors (``state.flatten``), packed by ``objects``
     handle: SaveHandle
     started_s: float
     on_device: bool
     scheduled: tuple[str, ...]  # every tier the save is scheduled on (``handle.tiers``: those
     # it goes to; the host tier is left out when the state streams past it)
     hashed: ChunkDigests | None = None  # checksums the copier computed (asym mode)
+
+    @functools.cached_property
+    def objects(self) -> bytes:
+        """The packed skeleton: packed on first use, by the commit on its worker thread (the
+        skeleton shares nothing mutable with the state, so later changes do not reach it)."""
+        return pack_skeleton(self.skeleton)
 
     @property
     def data_name(self) -> str:
@@ -93,7 +100,9 @@ class Stager:
             "min_partition_bytes": min_partition_bytes,
             "max_partition_bytes": max_partition_bytes}
         self._plans: dict[tuple[Any, ...], PartitionPlan] = {}
-        self._layout: tuple[Any, Layout] | None = None  # the last save's, by its key
+        #: the last save's: its paths, dtypes and shapes, and the layout
+        self._layout: tuple[tuple[str, ...], list[tuple[torch.dtype, torch.Size]], Layout] \
+            | None = None
         #: the last save's deferrable tensors: (layout, their addresses, the gated
         #: optimizers' sizes), indices
         self._deferred: tuple[tuple[Layout, list[int], list[int]], tuple[int, ...]] | None = None
@@ -134,16 +143,21 @@ class Stager:
         handle = SaveHandle.create(step, tiers, kick=self.finish_pending)
         # part of the stall: the state dicts, their flattening and the layout
         handle.metrics["capture_s"] = time.perf_counter() - started
-        return Prepared(step, new_save_id(), flat.tensors, layout, pack_skeleton(flat.skeleton),
-                        handle, started, any(t.is_cuda for t in flat.tensors), scheduled)
+        return Prepared(step, new_save_id(), flat.tensors, layout, flat.skeleton, handle, started,
+                        any(t.is_cuda for t in flat.tensors), scheduled)
 
     def _layout_of(self, paths: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Layout:
         """The block layout of these tensors: the last save's when paths, dtypes and shapes are
-        the same (they are from one save to the next, and planning walks every tensor)."""
-        key = (paths, tuple((t.dtype, t.shape) for t in tensors))
-        if self._layout is None or self._layout[0] != key:
-            self._layout = key, Layout.plan(paths, tensors, self.chunk_bytes)
-        return self._layout[1]
+        the same (they are from one save to the next, and planning walks every tensor). Compared
+        tensor by tensor, without a key of them all alive at once for the garbage collector."""
+        last = self._layout
+        if last is not None and last[0] == paths and len(last[1]) == len(tensors) and all(
+                t.dtype == dtype and t.shape == shape
+                for t, (dtype, shape) in zip(tensors, last[1], strict=True)):
+            return last[2]
+        layout = Layout.plan(paths, tensors, self.chunk_bytes)
+        self._layout = paths, [(t.dtype, t.shape) for t in tensors], layout
+        return layout
 
     def _deferrable(self, tensors: tuple[torch.Tensor, ...], layout: Layout) -> tuple[int, ...]:
         """Indices of tensors that only an optimizer step changes (parameters and optimizer

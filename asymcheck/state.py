@@ -47,6 +47,17 @@ class TensorRef:
     index: int
 
 
+#: TensorRef(i) for every index made so far: a save's skeleton holds one per tensor, and
+#: shared ones are no new objects for the garbage collector to follow from save to save
+_REFS: list[TensorRef] = []
+
+
+def tensor_ref(index: int) -> TensorRef:
+    while len(_REFS) <= index:
+        _REFS.append(TensorRef(len(_REFS)))
+    return _REFS[index]
+
+
 @dataclass(frozen=True)
 class FlatState:
     skeleton: Any
@@ -73,12 +84,27 @@ def flatten(state: Any) -> FlatState:
 
     A tensor reached under several paths (tied weights) is one leaf, stored under its first
     path. A sharded tensor (DTensor) is its local chunk and a ``ShardRef`` (see ``sharding``).
+    The skeleton shares nothing mutable with ``state`` (numpy arrays and lists are copied), so
+    it may be packed later, on another thread.
+
+    Runs on the training thread at every save, once per value of the state: a tensor met in a
+    container is placed without a call of its own.
     """
     paths: list[str] = []
     tensors: list[torch.Tensor] = []
     starts: dict[int, int] = {}  # data_ptr -> the first leaf (with elements) that starts there
     shared: dict[int, list[int]] = {}  # data_ptr -> every such leaf, where there are several
-    strided = torch.strided
+    strided, tensor_type, names = torch.strided, torch.Tensor, DTYPE_NAMES
+
+    def place(t: torch.Tensor, path: str) -> TensorRef | ShardRef:
+        if t.dtype not in names:
+            dtype_name(t.dtype)  # raises
+        if sharding.is_sharded(t):
+            local = sharding.local_tensor(t)
+            offsets, sizes = sharding.local_box(t)
+            index = leaf(local, path) if sharding.writes_chunk(t) else -1
+            return ShardRef(index, names[t.dtype], tuple(t.shape), offsets, sizes)
+        return tensor_ref(leaf(t, path))
 
     def leaf(t: torch.Tensor, path: str) -> int:
         if t.layout != strided:
@@ -100,31 +126,35 @@ def flatten(state: Any) -> FlatState:
         return index
 
     def walk(obj: Any, path: str) -> Any:
-        if isinstance(obj, torch.Tensor):
-            name = dtype_name(obj.dtype)
-            if sharding.is_sharded(obj):
-                local = sharding.local_tensor(obj)
-                offsets, sizes = sharding.local_box(obj)
-                index = leaf(local, path) if sharding.writes_chunk(obj) else -1
-                return ShardRef(index, name, tuple(obj.shape), offsets, sizes)
-            return TensorRef(leaf(obj, path))
+        if isinstance(obj, tensor_type):
+            return place(obj, path)
         if type(obj) in _PLAIN or isinstance(obj, (bool, int, float, str, bytes)):
             return obj
         if isinstance(obj, np.ndarray):
-            return obj
+            if obj.dtype.hasobject:
+                raise TypeError(f"{path}: numpy arrays of Python objects cannot be "
+                                "checkpointed")
+            return obj.copy()
         if isinstance(obj, np.generic):
             return obj.item()
         if type(obj) is dict or isinstance(obj, Mapping):
             out = {}
+            prefix = f"{path}/" if path else ""
             for k, v in obj.items():
-                if type(k) is not str and (not isinstance(k, (str, int)) or isinstance(k, bool)):
+                if type(k) is str:
+                    p = prefix + k
+                elif isinstance(k, (str, int)) and not isinstance(k, bool):
+                    p = f"{prefix}{k}"
+                else:
                     raise TypeError(f"{path}: dict key {k!r} must be str or int")
-                out[k] = walk(v, f"{path}/{k}" if path else str(k))
+                out[k] = place(v, p) if isinstance(v, tensor_type) else walk(v, p)
             return out
         if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
             if all(type(v) in _PLAIN for v in obj):  # e.g. an RNG state: no walk per element
-                return obj
-            items = [walk(v, f"{path}/{i}") for i, v in enumerate(obj)]
+                return obj if type(obj) is tuple else tuple(obj) if isinstance(obj, tuple) \
+                    else list(obj)
+            items = [place(v, f"{path}/{i}") if isinstance(v, tensor_type)
+                     else walk(v, f"{path}/{i}") for i, v in enumerate(obj)]
             return tuple(items) if isinstance(obj, tuple) else items
         raise TypeError(f"{path or '<root>'}: a value of type {type(obj).__name__} cannot be "
                         "checkpointed (use tensors, numbers, strings, lists, tuples, dicts)")

@@ -212,6 +212,47 @@ def test_save_twice_without_a_step_between(policy: asymcheck.Policy) -> None:
             assert_same(want, loaded.state["model"])
 
 
+class _Tally:
+    """An extra whose state_dict hands out its live array and list, changed after each save."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(4, dtype=np.int64)
+        self.history: list[int] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counts": self.counts, "history": self.history}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.counts, self.history = sd["counts"].copy(), list(sd["history"])
+
+
+def test_non_tensor_state_changed_after_save_is_saved_as_it_was_at_save() -> None:
+    """The skeleton (numbers, lists, numpy arrays) is packed by the commit, which for an asym
+    save runs after the next step: what the program changes in between stays out of it."""
+    model, loss_fn = gpt2()
+    opt = torch.optim.AdamW(model.parameters())
+    tally = _Tally()
+    expected, handles = {}, []
+    with asymcheck.Checkpointer(model, opt, policy=host_only(8), warmup_iterations=2,
+                                extras={"tally": tally}) as ckpt:
+        for step in range(6):
+            loss_fn(step).backward()
+            opt.step()
+            opt.zero_grad()
+            expected[step] = (tally.counts.tolist(), list(tally.history))
+            handles.append(ckpt.save_sync(step))
+            tally.counts += step + 1  # in place, before the commit packs the save
+            tally.history.append(step)
+        assert handles[-2].metrics["mode"] == "asym"
+        for h in handles:
+            h.staged.wait(60)
+        for step, (counts, history) in expected.items():
+            loaded = ckpt.load_sync(step)
+            assert loaded is not None
+            saved = loaded.state["extras"]["tally"]
+            assert (saved["counts"].tolist(), saved["history"]) == (counts, history), step
+
+
 def test_staged_completes_without_a_further_step(tmp_path: Path) -> None:
     model, loss_fn = gpt2()
     opt = torch.optim.AdamW(model.parameters())

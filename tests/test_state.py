@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
-from asymcheck.state import TensorRef, flatten, unflatten
+from asymcheck.state import TensorRef, flatten, pack_skeleton, unflatten, unpack_skeleton
 
 
 def test_views_of_one_memory_are_one_leaf_only_when_they_are_the_same_view() -> None:
@@ -22,3 +24,27 @@ def test_views_of_one_memory_are_one_leaf_only_when_they_are_the_same_view() -> 
         assert value.dtype == state[key].dtype and value.stride() == state[key].stride()
         assert torch.equal(value, state[key]), key
     assert back["b"] is back["a"]
+
+
+def test_the_skeleton_shares_nothing_mutable_with_the_state() -> None:
+    """A save packs its skeleton later, on the commit's thread: what the state holds may change
+    by then (a live numpy array, a list the program appends to)."""
+    arr, history, nested = np.arange(6, dtype=np.int32), [1, 2, 3], {"seen": [4.0, 5.0]}
+    state = {"arr": arr, "history": history, "nested": nested, "rng": (3, (1, 2), None),
+             "t": torch.ones(2)}
+    flat = flatten(state)
+    packed_now = pack_skeleton(flat.skeleton)
+    arr[:] = -1
+    history.append(4)
+    nested["seen"][0] = 9.0
+    nested["new"] = 1
+    assert pack_skeleton(flat.skeleton) == packed_now
+    back = unpack_skeleton(packed_now)
+    assert back["arr"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert back["history"] == [1, 2, 3] and back["nested"] == {"seen": [4.0, 5.0]}
+    assert back["rng"] == (3, (1, 2), None)
+
+
+def test_a_numpy_array_of_objects_is_rejected_at_flatten_with_its_path() -> None:
+    with pytest.raises(TypeError, match=r"extras/ids: numpy arrays of Python objects"):
+        flatten({"extras": {"ids": np.array(["a", None], dtype=object)}})

@@ -95,7 +95,7 @@ async def verify_copy(tier: Tier, m: Manifest, bar: Any, rank: int | None = None
     async def check_chunk(meta: TensorMeta, out: torch.Tensor, chunk: ChunkMeta) -> None:
         async with chunk_slots:
             try:
-                await read_tensor(tier, m.step, replace(meta, chunks=(chunk,)), out,
+                await read_tensor(tier, m.step, meta._replace(chunks=(chunk,)), out,
                                   locate=m.locate)
             except Exception as e:
                 file, offset = m.locate(chunk)  # where the bytes are on this tier
