@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from asymcheck.manifest import checksum
+from asymcheck.snapshot import Layout
 from asymcheck.state import TensorRef, flatten, pack_skeleton, unflatten, unpack_skeleton
 
 
@@ -48,3 +50,26 @@ def test_the_skeleton_shares_nothing_mutable_with_the_state() -> None:
 def test_a_numpy_array_of_objects_is_rejected_at_flatten_with_its_path() -> None:
     with pytest.raises(TypeError, match=r"extras/ids: numpy arrays of Python objects"):
         flatten({"extras": {"ids": np.array(["a", None], dtype=object)}})
+
+
+def test_placeholders_are_shared_and_the_chunk_table_covers_every_byte_once() -> None:
+    """A save of thousands of tensors makes no new placeholder objects (each is one more object
+    kept for the garbage collector until the commit), and its chunk table, built from the
+    layout's cached chunk geometry, covers each tensor's bytes in order with their checksums."""
+    state = {f"p{i}": torch.arange(i, dtype=torch.float32) for i in range(12)}
+    first, second = flatten(state), flatten(dict(state))
+    assert all(first.skeleton[k] is second.skeleton[k] for k in state)
+    layout = Layout.plan(first.paths, first.tensors, chunk_bytes=16)
+    block = memoryview(bytearray(layout.total_bytes))
+    for t, slot in zip(first.tensors, layout.slots, strict=True):
+        block[slot.offset:slot.offset + slot.nbytes] = t.numpy().tobytes()
+    for _ in range(2):  # the second table reuses the geometry the first one cached
+        metas = layout.tensor_metas(block, "data-0.bin")
+        for t, slot, meta in zip(first.tensors, layout.slots, metas, strict=True):
+            raw = t.numpy().tobytes()
+            assert (meta.path, meta.nbytes, meta.shape) == (slot.path, len(raw), tuple(t.shape))
+            assert [c.raw_offset for c in meta.chunks] == list(range(0, max(len(raw), 1), 16))
+            assert b"".join(block[c.offset:c.offset + c.stored_len] for c in meta.chunks) == raw
+            assert all(c.raw_len == c.stored_len and c.codec == "raw" and c.file == "data-0.bin"
+                       and c.xxh64 == checksum(raw[c.raw_offset:c.raw_offset + c.raw_len])
+                       for c in meta.chunks)
