@@ -1,4 +1,5 @@
-"""CPU seconds and minor page faults of every thread of this process, grouped by thread name.
+"""CPU seconds and minor page faults of every thread of this process, grouped by thread name;
+the garbage collector's passes (``GcMeter``).
 
 Read from ``/proc/self/task/<tid>/stat`` (utime + stime, minflt): training threads, the
 checkpointer's loop and I/O threads, a peer's stager and writer threads all count. Python
@@ -12,12 +13,15 @@ from ``getrusage(RUSAGE_CHILDREN)``, so one moving from the first to the second 
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import resource
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 _COUNTER = re.compile(r"[_-]\d+$")
@@ -137,3 +141,64 @@ def between(a: Reading, b: Reading) -> Usage:
         cpu[ENDED] += max(ended_cpu, 0.0)
         faults[ENDED] += max(ended_faults, 0)
     return Usage(dict(cpu), dict(faults))
+
+
+class GcMeter:
+    """The garbage collector's passes while it is installed (``with GcMeter() as m``): how
+    many, and their seconds, by generation; and the seconds of the full passes by the thread
+    group that ran them. A pass holds the interpreter, so every Python thread waits for it:
+    a full one over a few hundred thousand objects takes hundreds of ms, and objects a
+    checkpointer keeps from one iteration to the next make them come more often."""
+
+    def __init__(self) -> None:
+        self.passes: Counter[str] = Counter()
+        self.seconds: Counter[str] = Counter()
+        self.full_s_by_thread: Counter[str] = Counter()
+        self._started: dict[int, float] = {}
+
+    def _hook(self, phase: str, info: dict[str, Any]) -> None:
+        tid = threading.get_ident()
+        if phase == "start":
+            self._started[tid] = time.perf_counter()
+            return
+        t0 = self._started.pop(tid, None)
+        if t0 is None:  # installed while a pass ran
+            return
+        spent, gen = time.perf_counter() - t0, info["generation"]
+        self.passes[str(gen)] += 1
+        self.seconds[str(gen)] += spent
+        if gen == len(gc.get_count()) - 1:  # the oldest generation: a full pass
+            self.full_s_by_thread[_group(threading.current_thread().name)] += spent
+
+    def start(self) -> None:
+        """Count from now on (again from 0 when started before)."""
+        self.passes.clear()
+        self.seconds.clear()
+        self.full_s_by_thread.clear()
+        if self._hook not in gc.callbacks:
+            gc.callbacks.append(self._hook)
+
+    def stop(self) -> None:
+        """Stop counting (idempotent); the figures stay."""
+        if self._hook in gc.callbacks:
+            gc.callbacks.remove(self._hook)
+
+    def __enter__(self) -> GcMeter:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def to_dict(self) -> dict[str, object]:
+        return gc_dict(self.passes, self.seconds, self.full_s_by_thread)
+
+
+def gc_dict(passes: Counter[str], seconds: Counter[str],
+            full_s_by_thread: Counter[str]) -> dict[str, object]:
+    oldest = str(len(gc.get_count()) - 1)
+    return {"passes": dict(sorted(passes.items())),
+            "seconds": {k: round(v, 4) for k, v in sorted(seconds.items())},
+            "full_passes": passes.get(oldest, 0),
+            "full_s": round(seconds.get(oldest, 0.0), 4),
+            "full_s_by_thread": {k: round(v, 4) for k, v in sorted(full_s_by_thread.items())}}

@@ -739,6 +739,7 @@ class RunResult:
         extra = {**last.extra,
                  "cpu": _pooled_usage([r.extra["cpu"] for r in runs]),
                  "cpu_training": _pooled_usage([r.extra["cpu_training"] for r in runs]),
+                 "gc": _pooled_gc([r.extra["gc"] for r in runs]),
                  **{k: sum(r.extra[k] for r in runs)
                     for k in ("timed_checkpoints", "finish_s", "wall_s")},
                  "rounds": len(runs),
@@ -788,6 +789,18 @@ def _pooled_usage(usages: Sequence[dict[str, Any]]) -> dict[str, object]:
     return cpumeter.Usage(dict(cpu), dict(faults)).to_dict()
 
 
+def _pooled_gc(meters: Sequence[dict[str, Any]]) -> dict[str, object]:
+    """``cpumeter.GcMeter.to_dict()`` figures of several runs, added up."""
+    passes: collections.Counter[str] = collections.Counter()
+    seconds: collections.Counter[str] = collections.Counter()
+    full: collections.Counter[str] = collections.Counter()
+    for m in meters:
+        passes.update(m["passes"])
+        seconds.update(m["seconds"])
+        full.update(m["full_s_by_thread"])
+    return cpumeter.gc_dict(passes, seconds, full)
+
+
 MethodT = TypeVar("MethodT")
 
 
@@ -812,6 +825,7 @@ def run(method: Method, make: Callable[[], Workload], *, warmup: int, iterations
     trim_heap()
     memory = MemorySampler(children=method.child_processes)
     memory.start()
+    gc_passes = cpumeter.GcMeter()  # over the timed iterations
     try:
         method.setup(w, workdir)
         memory.own_shm = method.own_shm_bytes()
@@ -825,6 +839,7 @@ def run(method: Method, make: Callable[[], Workload], *, warmup: int, iterations
         for step in range(total):
             if step == warmup:
                 cpu_start = cpumeter.read()
+                gc_passes.start()
             t0 = time.perf_counter()
             w.loss(step).backward()
             w.optimizer.step()
@@ -851,6 +866,7 @@ def run(method: Method, make: Callable[[], Workload], *, warmup: int, iterations
             if step >= warmup:
                 iteration_s.append(time.perf_counter() - t0)
         cpu_trained = cpumeter.read()  # threads a method ends in finish() are named here
+        gc_passes.stop()
         t_drain = time.perf_counter()
         extra = method.finish()
         extra["finish_s"] = time.perf_counter() - t_drain
@@ -859,6 +875,7 @@ def run(method: Method, make: Callable[[], Workload], *, warmup: int, iterations
         extra["cpu_training"] = cpumeter.between(cpu_start, cpu_trained).to_dict()
         extra["cpu"] = cpumeter.between(cpu_start, cpumeter.read()).to_dict()
         extra["timed_checkpoints"] = len(timed_steps)
+        extra["gc"] = gc_passes.to_dict()
         mem = memory.stop()
         durable = [method.durable_at[s] - method.saved_at[s] for s in timed_steps
                    if s in method.durable_at and s in method.saved_at]
@@ -881,6 +898,7 @@ def run(method: Method, make: Callable[[], Workload], *, warmup: int, iterations
             extra["restore_sources"] = method.restore_sources
     finally:
         memory.stop()
+        gc_passes.stop()
         method.cleanup()
         method.release()
         shutil.rmtree(workdir, ignore_errors=True)

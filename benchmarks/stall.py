@@ -5,7 +5,8 @@ AsymCheck asym (copies in the next iteration's windows), AsymCheck naive (copy
 at save time), torch.distributed.checkpoint.async_save, torch.save + fsync.
 Prints per-checkpoint stall (median, p90) and overhead versus no checkpointing (the
 median checkpoint period of ``--every`` iterations, as in suite.py), as ratios to the better
-DCP-best row's; writes benchmarks/results/stall.json.
+DCP-best row's, and the garbage collector's full passes over the timed iterations (each holds
+every thread); writes benchmarks/results/stall.json.
 
     python benchmarks/stall.py                 # ~0.28 GB of state, a few minutes on 2 cores
     python benchmarks/stall.py --quick         # a small smoke run
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             row = rows[-1]
             print(f"  {m.name:18s} iteration {row['iteration_s_median']:.3f} s  stall median "
                   f"{row['stall_s_median'] * 1e3:8.1f} ms  p90 {row['stall_s_p90'] * 1e3:8.1f} ms  "
+                  f"GC full passes {row['gc']['full_passes']} "
+                  f"({row['gc']['full_s'] * 1e3:.0f} ms)  "
                   f"verified={row['verified_bit_exact']}", flush=True)
     baseline = rows[0]
     for r in rows[1:]:

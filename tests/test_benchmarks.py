@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import threading
 import weakref
 from pathlib import Path
 from types import ModuleType
@@ -51,3 +52,29 @@ def test_a_run_leaves_nothing_of_its_state_held_by_its_method(
         gc.collect()
         # the training workload and the restore targets: none is held after the run
         assert [ref() for ref in made] == [None] * len(made)
+
+
+def test_the_gc_meter_counts_passes_from_start_to_stop_and_full_ones_by_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    cpumeter = importlib.import_module("cpumeter")
+    meter = cpumeter.GcMeter()
+    was_enabled = gc.isenabled()
+    gc.disable()  # only the passes below
+    try:
+        gc.collect()  # before start: not counted
+        meter.start()
+        gc.collect()
+        worker = threading.Thread(target=gc.collect, name="collector-3")
+        worker.start()
+        worker.join()
+        gc.collect(0)
+        meter.stop()
+        gc.collect()  # after stop: not counted
+    finally:
+        if was_enabled:
+            gc.enable()
+    got = meter.to_dict()
+    assert got["passes"] == {"0": 1, "2": 2} and got["full_passes"] == 2
+    assert set(got["full_s_by_thread"]) == {"MainThread", "collector"}
+    assert got["full_s"] == pytest.approx(sum(got["full_s_by_thread"].values()), abs=1e-3)
