@@ -8,6 +8,7 @@ Nothing is ever pickled: an unknown type is an error that names its path.
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,12 +51,17 @@ class TensorRef:
 #: TensorRef(i) for every index made so far: a save's skeleton holds one per tensor, and
 #: shared ones are no new objects for the garbage collector to follow from save to save
 _REFS: list[TensorRef] = []
+_REFS_GROW = threading.Lock()  # saves on several threads (several Checkpointers) may grow it
 
 
 def tensor_ref(index: int) -> TensorRef:
-    while len(_REFS) <= index:
-        _REFS.append(TensorRef(len(_REFS)))
-    return _REFS[index]
+    try:
+        return _REFS[index]
+    except IndexError:
+        with _REFS_GROW:
+            while len(_REFS) <= index:
+                _REFS.append(TensorRef(len(_REFS)))
+        return _REFS[index]
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import numpy as np
 import pytest
 import torch
 
+from asymcheck import state as state_module
 from asymcheck.manifest import checksum
 from asymcheck.snapshot import Layout
-from asymcheck.state import TensorRef, flatten, pack_skeleton, unflatten, unpack_skeleton
+from asymcheck.state import (
+    TensorRef,
+    flatten,
+    pack_skeleton,
+    tensor_ref,
+    unflatten,
+    unpack_skeleton,
+)
 
 
 def test_views_of_one_memory_are_one_leaf_only_when_they_are_the_same_view() -> None:
@@ -73,3 +84,20 @@ def test_placeholders_are_shared_and_the_chunk_table_covers_every_byte_once() ->
             assert all(c.raw_len == c.stored_len and c.codec == "raw" and c.file == "data-0.bin"
                        and c.xxh64 == checksum(raw[c.raw_offset:c.raw_offset + c.raw_len])
                        for c in meta.chunks)
+
+
+def test_placeholders_made_on_several_threads_at_once_each_hold_their_own_index() -> None:
+    base = len(state_module._REFS)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        workers = [threading.Thread(target=lambda: [tensor_ref(base + i) for i in range(20000)])
+                   for _ in range(8)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert [r.index for r in state_module._REFS] == list(range(len(state_module._REFS)))
+    assert len(state_module._REFS) == base + 20000
