@@ -143,10 +143,14 @@ def between(a: Reading, b: Reading) -> Usage:
     return Usage(dict(cpu), dict(faults))
 
 
+#: the collector's oldest generation: a pass over it is a full pass
+_OLDEST = len(gc.get_count()) - 1
+
+
 class GcMeter:
-    """The garbage collector's passes while it is installed (``with GcMeter() as m``): how
-    many, and their seconds, by generation; and the seconds of the full passes by the thread
-    group that ran them. A pass holds the interpreter, so every Python thread waits for it:
+    """The garbage collector's passes from ``start()`` to ``stop()``: how many, and their
+    seconds, by generation; and the seconds of the full passes by the thread group that ran
+    them. A pass holds the interpreter, so every Python thread waits for it:
     a full one over a few hundred thousand objects takes hundreds of ms, and objects a
     checkpointer keeps from one iteration to the next make them come more often."""
 
@@ -167,7 +171,7 @@ class GcMeter:
         spent, gen = time.perf_counter() - t0, info["generation"]
         self.passes[str(gen)] += 1
         self.seconds[str(gen)] += spent
-        if gen == len(gc.get_count()) - 1:  # the oldest generation: a full pass
+        if gen == _OLDEST:  # a full pass
             self.full_s_by_thread[_group(threading.current_thread().name)] += spent
 
     def start(self) -> None:
@@ -183,20 +187,13 @@ class GcMeter:
         if self._hook in gc.callbacks:
             gc.callbacks.remove(self._hook)
 
-    def __enter__(self) -> GcMeter:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def to_dict(self) -> dict[str, object]:
         return gc_dict(self.passes, self.seconds, self.full_s_by_thread)
 
 
 def gc_dict(passes: Counter[str], seconds: Counter[str],
             full_s_by_thread: Counter[str]) -> dict[str, object]:
-    oldest = str(len(gc.get_count()) - 1)
+    oldest = str(_OLDEST)
     return {"passes": dict(sorted(passes.items())),
             "seconds": {k: round(v, 4) for k, v in sorted(seconds.items())},
             "full_passes": passes.get(oldest, 0),
